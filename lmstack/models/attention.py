@@ -42,7 +42,7 @@ class KVCache(nn.Module):
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (T, S) mask: key at position s is visible from query position p if s <= p and p - s < window."""
+    """Boolean (T, S) mask: key position s is visible from query position p if s <= p and p - s < window."""
     mask = k_pos[None, :] <= q_pos[:, None]
     if window is not None:
         mask &= (q_pos[:, None] - k_pos[None, :]) < window

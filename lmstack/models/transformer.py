@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         return c.rope_base_for(i), (c.rope_scaling if c.layer_type(i) == "global" else 1.0)
 
     def _ropes(self, input_pos: torch.Tensor) -> dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]]:
-        """cos/sin tables per distinct (base, scaling): Gemma 3 has one for local and one for global layers."""
+        """cos/sin tables per distinct (base, scaling): Gemma 3 has one for local, one for global layers."""
         if self.config.positions != "rope":
             return {}
         keys = {self._rope_key(i) for i in range(self.config.n_layers)}

@@ -1,0 +1,131 @@
+"""The `LLM` facade: load a model by name or path, then generate, chat, stream or read logits.
+
+It composes hub (resolve + load), tokenizer, quant and generate; it owns no logic of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.generate import GenerationResult, SamplingParams, generate_text, stream_text
+from lmstack.hub import load_model
+from lmstack.tokenizer import Tokenizer
+
+DType = Literal["float32", "bfloat16", "int8", "q4"]
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "q4")
+Messages = Sequence[dict[str, Any]]
+
+
+def default_home() -> Path:
+    """Where lmstack keeps converted weights and caches: $LMSTACK_HOME or ~/.lmstack."""
+    return Path(os.environ.get("LMSTACK_HOME") or Path.home() / ".lmstack")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be one of auto, cpu, cuda (or cuda:N); got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LLM:
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    config: ModelConfig
+    name: str
+    dtype: str
+    device: torch.device
+    load_seconds: float = 0.0
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        cache_dir: str | Path | None = None,
+    ) -> LLM:
+        """Resolve a model (local path, installed weights package, or the HF hub) and load it."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        dev = pick_device(device)
+        t0 = time.perf_counter()
+        float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        loaded = load_model(
+            name_or_path, device=dev, dtype=float_dtype, cache_dir=Path(cache_dir or default_home())
+        )
+        model = loaded.model.eval()
+        if dtype in ("int8", "q4"):
+            from lmstack.quant import quantize_model
+
+            model = quantize_model(model, dtype)
+        src = loaded.tokenizer_source
+        tok = (
+            Tokenizer.from_gguf_metadata(src) if isinstance(src, dict) else Tokenizer.from_pretrained_dir(src)
+        )
+        return cls(model, tok, loaded.config, name_or_path, dtype, dev, time.perf_counter() - t0)
+
+    # --- numbers -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits (T, V) of a full forward over ids, no KV cache: the reference for every test."""
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if idx.shape[1] == 0:
+            raise ValueError("logits() needs at least one token id")
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{idx.shape[1]} ids exceed the context window of {self.config.max_seq_len}")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return self.model(idx)[0].float()
+
+    # --- text ----------------------------------------------------------------------------------
+    @property
+    def is_chat_model(self) -> bool:
+        return self.tokenizer.chat_template is not None
+
+    def prompt_ids(self, prompt: str | Messages, chat: bool | None = None) -> list[int]:
+        """Token ids for a raw prompt, or for messages rendered by the model's chat template.
+
+        A plain string is chat-formatted (as one user turn) when the model has a chat template, unless
+        chat=False; base models always complete the raw text.
+        """
+        if not isinstance(prompt, str):
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        if chat is None:
+            chat = self.is_chat_model
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def complete(
+        self, prompt: str | Messages, *, chat: bool | None = None, **sampling: Any
+    ) -> GenerationResult:
+        """Generate and return the text with token ids, finish reason, token counts and logprobs."""
+        params = SamplingParams(**sampling)
+        return generate_text(self.model, self.tokenizer, self.prompt_ids(prompt, chat), params)
+
+    def generate(self, prompt: str, *, chat: bool | None = None, **sampling: Any) -> str:
+        return self.complete(prompt, chat=chat, **sampling).text
+
+    def chat(self, messages: Messages, **sampling: Any) -> str:
+        return self.complete(messages, **sampling).text
+
+    def stream(self, prompt: str | Messages, *, chat: bool | None = None, **sampling: Any) -> Iterator[str]:
+        """Text deltas as they are produced (never half a UTF-8 character, never part of a stop string)."""
+        params = SamplingParams(**sampling)
+        yield from stream_text(self.model, self.tokenizer, self.prompt_ids(prompt, chat), params)

@@ -1,0 +1,212 @@
+"""Shared fixtures: tiny random-weight Hugging Face models saved to disk, and the packaged real models.
+
+The tiny models are real transformers models (not mocks) with every parameter perturbed, so a wrong name
+mapping (two norms swapped, q and k crossed) shows up as a logits mismatch instead of hiding behind ones and
+zeros from the default init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_HF_CONFIGS: dict[str, dict] = {
+    "llama": dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ),
+    # like gemma-3-270m: 5 sliding layers + 1 global, qk-norm, sandwich norms, tied, no softcaps
+    "gemma3": dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+        sliding_window=5,
+        query_pre_attn_scalar=32,
+        rope_theta=1_000_000.0,
+    ),
+    # knobs of the bigger Gemma 3 models: linear RoPE scaling of global layers, a logit softcap, 7 layers
+    "gemma3-scaled": dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=7,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        sliding_window=4,
+        query_pre_attn_scalar=24,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+        final_logit_softcapping=15.0,
+    ),
+    "gpt2": dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+}
+
+
+def make_hf_model(kind: str) -> torch.nn.Module:
+    """A tiny random transformers model of `kind` (a key of TINY_HF_CONFIGS), float32, eval mode."""
+    import transformers as tf
+
+    family = kind.split("-")[0]
+    config_cls, model_cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
+    }[family]
+    config = config_cls(**TINY_HF_CONFIGS[kind])
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = model_cls(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_hf_model(tmp_path: Path) -> Callable[[str], tuple[torch.nn.Module, Path]]:
+    """Factory: kind -> (transformers model, directory it was saved to with save_pretrained)."""
+
+    def make(kind: str) -> tuple[torch.nn.Module, Path]:
+        model = make_hf_model(kind)
+        path = tmp_path / kind
+        model.save_pretrained(path)
+        return model, path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(request: pytest.FixtureRequest) -> Path:
+    """A cache that outlives the test session (under .pytest_cache), so slow tests assemble and convert the
+    packaged models once per machine rather than once per run."""
+    return Path(request.config.cache.mkdir("lmstack-models"))
+
+
+# --- tiny GGUF files written the way llama.cpp's convert_hf_to_gguf.py writes them ------------------------
+_GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """llama.cpp's Q/K row permutation for its interleaved RoPE (the loader must undo it)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_model: torch.nn.Module, path: Path, arch: str) -> Path:
+    """Write `hf_model` (llama or gemma3) as a GGUF: token_embd Q8_0, matrices F16, norms F32.
+
+    The HF model's weights are replaced in place by exactly what the file stores (quantized and rounded
+    values), so the model and the file describe the same function and logits can be compared at 1e-4.
+    """
+    import gguf
+    import numpy as np
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters.get("full_attention", cfg.rope_parameters)["rope_theta"])
+    if arch == "gemma3":
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_sliding_window(cfg.sliding_window)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"tok{i}" for i in range(cfg.vocab_size)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    with torch.no_grad():
+        for hf_name, p in hf_model.named_parameters():
+            name = _gguf_name(hf_name, arch)
+            w = p.detach().float().numpy()
+            if name == "token_embd.weight":
+                data = gguf.quants.quantize(w, q8)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(data, q8)))
+                writer.add_tensor(name, data, raw_dtype=q8)
+                continue
+            if w.ndim == 2:
+                w = w.astype(np.float16)
+                p.copy_(torch.from_numpy(w.astype(np.float32)))
+            else:
+                w = w + 1.0 if arch == "gemma3" else w  # llama.cpp bakes Gemma's (1 + w) into the file
+            if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
+                w = _llama_cpp_permute(w, heads)
+            writer.add_tensor(name, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_name(hf_name: str, arch: str) -> str:
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if hf_name in top:
+        return top[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    if module == "post_attention_layernorm":  # Llama's pre-MLP norm; Gemma's norm after attention
+        return f"blk.{i}.{'post_attention_norm' if arch == 'gemma3' else 'ffn_norm'}.{kind}"
+    return f"blk.{i}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> Callable[[str], tuple[torch.nn.Module, Path]]:
+    """Factory: "llama" | "gemma3" -> (transformers model holding the stored weights, GGUF path)."""
+
+    def make(arch: str) -> tuple[torch.nn.Module, Path]:
+        model = make_hf_model(arch)
+        return model, write_tiny_gguf(model, tmp_path / f"tiny-{arch}.gguf", arch)
+
+    return make
