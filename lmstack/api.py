@@ -17,6 +17,7 @@ import torch
 from lmstack.config import ModelConfig
 from lmstack.generate import GenerationResult, SamplingParams, generate_text, stream_text
 from lmstack.hub import load_model
+from lmstack.models.transformer import Transformer
 from lmstack.tokenizer import Tokenizer
 
 DType = Literal["float32", "bfloat16", "int8", "q4"]
@@ -41,7 +42,7 @@ def pick_device(device: str) -> torch.device:
 
 @dataclass
 class LLM:
-    model: torch.nn.Module
+    model: Transformer
     tokenizer: Tokenizer
     config: ModelConfig
     name: str
@@ -71,7 +72,7 @@ class LLM:
         if dtype in ("int8", "q4"):
             from lmstack.quant import quantize_model
 
-            model = quantize_model(model, dtype)
+            quantize_model(model, "int8" if dtype == "int8" else "q4")  # swaps modules in place
         src = loaded.tokenizer_source
         tok = (
             Tokenizer.from_gguf_metadata(src) if isinstance(src, dict) else Tokenizer.from_pretrained_dir(src)

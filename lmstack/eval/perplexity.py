@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lmstack.models.transformer import Transformer
+
 
 @dataclass(frozen=True)
 class PerplexityResult:
@@ -24,7 +26,7 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def perplexity(
-    model: torch.nn.Module, ids: Sequence[int], *, window: int = 512, stride: int = 256, progress: bool = True
+    model: Transformer, ids: Sequence[int], *, window: int = 512, stride: int = 256, progress: bool = True
 ) -> PerplexityResult:
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")

@@ -17,6 +17,9 @@ class KVCache(nn.Module):
     `Transformer.clear_caches`. It never decides what to keep: the caller passes positions.
     """
 
+    k: torch.Tensor  # (B, nkv, max_seq_len, hs)
+    v: torch.Tensor
+
     def __init__(self, batch: int, n_kv: int, max_seq_len: int, hs: int, dtype: torch.dtype, device) -> None:
         super().__init__()
         shape = (batch, n_kv, max_seq_len, hs)

@@ -49,6 +49,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(C, H, bias=bias)
         self.w2 = nn.Linear(H, C, bias=bias)
         self.w3 = nn.Linear(C, H, bias=bias) if self.gated else None
+        self.act: nn.Module
         if config.mlp == "swiglu":
             self.act = nn.SiLU()
         elif config.mlp == "relu":

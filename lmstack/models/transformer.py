@@ -6,6 +6,8 @@ glossary is in lmstack/models/layers.py.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -63,19 +65,22 @@ class Transformer(nn.Module):
         device = p.device if p is not None else next(self.buffers()).device
         dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
         c = self.config
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, c.kv_heads, max_seq_len, c.hd, dtype, device)
+        for attn in self.attentions():
+            attn.kv_cache = KVCache(batch, c.kv_heads, max_seq_len, c.hd, dtype, device)
         self.cache_len = max_seq_len
 
     def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attn.kv_cache = None
+        for attn in self.attentions():
+            attn.kv_cache = None
         self.cache_len = 0
 
     def reorder_caches(self, index: torch.Tensor) -> None:
-        for layer in self.layers:
-            if layer.attn.kv_cache is not None:
-                layer.attn.kv_cache.reorder(index)
+        for attn in self.attentions():
+            if attn.kv_cache is not None:
+                attn.kv_cache.reorder(index)
+
+    def attentions(self) -> list[Attention]:
+        return [cast(Block, layer).attn for layer in self.layers]
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
