@@ -40,8 +40,11 @@ test-fast: $(STAMP)
 
 # Benchmarks compare with peers in one run; llama-cpp-python is a peer, never a dependency.
 bench: $(STAMP)
-	-test -f $(LLAMA_CPP_WHEEL) && $(PIP) install -q $(LLAMA_CPP_WHEEL) diskcache
+	-test -f $(LLAMA_CPP_WHEEL) && $(PIP) install -q --no-deps $(LLAMA_CPP_WHEEL)
+	$(PIP) install -q -r requirements/bench.txt
+	$(PY) bench/kernels.py
 	$(PY) bench/decode.py
+	$(PY) bench/quant_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
