@@ -1,0 +1,51 @@
+"""Native CPU kernels, compiled with ninja on first use and cached on disk by torch.
+
+Why JIT instead of a build step: the package stays pip-installable as pure Python, and a
+machine without a compiler still works, because the loader returns None and callers fall
+back to their PyTorch reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_QUANT_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
+
+
+def _has_avx2() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def load_quant_kernels(portable: bool = False) -> ModuleType | None:
+    """The compiled `quant_cpu` module, or None (with one warning) if it cannot be built.
+
+    `portable=True` builds the scalar variant of the same source even on an AVX2 machine;
+    tests use it to check the fallback arithmetic.
+    """
+    simd = _has_avx2() and not portable
+    # -fopenmp: at::parallel_for is header-inline OpenMP; without it, it silently runs serially.
+    cflags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="lmstack_quant_" + ("avx2" if simd else "scalar"),
+            sources=[str(_QUANT_SOURCE)],
+            extra_cflags=cflags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # compiler missing, headers missing, ninja missing, ...
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        warnings.warn(
+            f"lmstack: quantized CPU kernels unavailable ({type(e).__name__}: {first_line}); "
+            "using the PyTorch reference path",
+            stacklevel=2,
+        )
+        return None
