@@ -52,3 +52,21 @@ __all__ = [
     "update_counts_",
     "warp",
 ]
+
+from lmstack.generate.speculative import (  # noqa: E402  (appended: speculative decoding)
+    Draft,
+    DraftModelProposer,
+    PromptLookupProposer,
+    Proposer,
+    SpecStats,
+    speculative_generate_tokens,
+)
+
+__all__ += [
+    "Draft",
+    "DraftModelProposer",
+    "PromptLookupProposer",
+    "Proposer",
+    "SpecStats",
+    "speculative_generate_tokens",
+]
