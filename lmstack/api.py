@@ -30,6 +30,11 @@ def default_home() -> Path:
     return Path(os.environ.get("LMSTACK_HOME") or Path.home() / ".lmstack")
 
 
+def _keep_8bit(name: str) -> bool:
+    """Embeddings, LM head, value and down projections lose the most at 4 bits (as llama.cpp's Q4_K_M)."""
+    return name in ("tok_embeddings", "output") or name.endswith(("attn.wv", "mlp.w2"))
+
+
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,7 +77,9 @@ class LLM:
         if dtype in ("int8", "q4"):
             from lmstack.quant import quantize_model
 
-            quantize_model(model, "int8" if dtype == "int8" else "q4")  # swaps modules in place
+            if dtype == "q4":  # llama.cpp's Q4_K_M recipe: the most sensitive matrices stay at 8 bits
+                quantize_model(model, "q4", skip=_keep_8bit)
+            quantize_model(model, "int8")  # swaps the (remaining) modules in place
         src = loaded.tokenizer_source
         tok = (
             Tokenizer.from_gguf_metadata(src) if isinstance(src, dict) else Tokenizer.from_pretrained_dir(src)
