@@ -226,8 +226,7 @@ class TextStream:
         n_prompt: int,
     ):
         self.events, self.params, self.n_prompt = events, params, n_prompt
-        # lmstack.tokenizer.IncrementalDetokenizer names its step `push`; `feed` is accepted as well
-        self._push: Callable[[int], str] = getattr(detokenizer, "push", None) or detokenizer.feed
+        self._push: Callable[[int], str] = detokenizer.push
         self._flush: Callable[[], str] = detokenizer.flush
         self.token_ids: list[int] = []
         self.logprobs: list[TokenEvent] | None = [] if params.logprobs is not None else None
