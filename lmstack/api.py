@@ -80,6 +80,7 @@ class LLM:
             if dtype == "q4":  # llama.cpp's Q4_K_M recipe: the most sensitive matrices stay at 8 bits
                 quantize_model(model, "q4", skip=_keep_8bit)
             quantize_model(model, "int8")  # swaps the (remaining) modules in place
+            model.fuse_projections()  # q/k/v and gate/up in one kernel call each where formats agree
         src = loaded.tokenizer_source
         tok = (
             Tokenizer.from_gguf_metadata(src) if isinstance(src, dict) else Tokenizer.from_pretrained_dir(src)

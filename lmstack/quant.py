@@ -265,6 +265,20 @@ def _float_bias(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.detach().float().clone()
 
 
+def _concat_buffers(modules: list, names: tuple[str, ...]) -> tuple[list[Tensor], Tensor | None] | None:
+    """Packed buffers of same-shaped quantized linears stacked along output channels (one module whose
+    output is theirs side by side), or None if they cannot stack: different input widths, or an output
+    count that does not fill whole row groups."""
+    first = modules[0]
+    if any(m.in_features != first.in_features or m.out_features % ROW_GROUP for m in modules):
+        return None
+    stacked = [torch.cat([getattr(m, name) for m in modules]) for name in names]
+    if all(m.bias is None for m in modules):
+        return stacked, None
+    biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]
+    return stacked, torch.cat(biases)
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with Q8_0-packed weights; forward returns x.dtype."""
 
@@ -283,6 +297,15 @@ class Int8Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         _check_block_multiple(linear.in_features, "Int8Linear")
         return cls(*pack_int8(linear.weight.detach()), _float_bias(linear.bias))
+
+    @classmethod
+    def concat(cls, modules: list[Int8Linear]) -> Int8Linear | None:
+        """One module whose output is the modules' outputs side by side (fused q/k/v, gate/up)."""
+        bufs = _concat_buffers(modules, ("qweight", "scales"))
+        if bufs is None:
+            return None
+        (qweight, scales), bias = bufs
+        return cls(qweight, scales, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, self.in_features, "Int8Linear")
@@ -331,6 +354,15 @@ class Q4Linear(nn.Module):
         _check_block_multiple(linear.in_features, "Q4Linear")
         packed = pack_q4(linear.weight.detach())
         return cls(*packed, in_features=linear.in_features, bias=_float_bias(linear.bias))
+
+    @classmethod
+    def concat(cls, modules: list[Q4Linear]) -> Q4Linear | None:
+        """One module whose output is the modules' outputs side by side (fused q/k/v, gate/up)."""
+        bufs = _concat_buffers(modules, ("qweight", "scales", "mins"))
+        if bufs is None:
+            return None
+        (qweight, scales, mins), bias = bufs
+        return cls(qweight, scales, mins, in_features=modules[0].in_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_features(x, self.in_features, "Q4Linear")

@@ -208,9 +208,8 @@ class ModelRunner:
 
     def _attention(self, i: int, attn: Attention, x, rope, slots, plans) -> torch.Tensor:
         N = x.shape[1]
-        q = attn.wq(x).view(N, attn.nh, attn.hs)  # (N, nh, hs)
-        k = attn.wk(x).view(N, attn.nkv, attn.hs)  # (N, nkv, hs)
-        v = attn.wv(x).view(N, attn.nkv, attn.hs)
+        q, k, v = attn.project(x)  # (1, N, nh*hs), (1, N, nkv*hs) x2
+        q, k, v = q.view(N, attn.nh, attn.hs), k.view(N, attn.nkv, attn.hs), v.view(N, attn.nkv, attn.hs)
         if attn.q_norm is not None and attn.k_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         if attn.use_rope and rope is not None:

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 
 _QUANT_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
+_OPS_SOURCE = Path(__file__).with_name("ops_cpu.cpp")
 
 
 def _has_avx2() -> bool:
@@ -23,11 +24,20 @@ def _has_avx2() -> bool:
 
 @functools.cache
 def load_quant_kernels(portable: bool = False) -> ModuleType | None:
-    """The compiled `quant_cpu` module, or None (with one warning) if it cannot be built.
+    """The compiled `quant_cpu` module (quantized matmuls), or None (with one warning) if it cannot
+    be built. `portable=True` builds the scalar variant of the same source even on an AVX2 machine;
+    tests use it to check the fallback arithmetic."""
+    return _build("lmstack_quant", _QUANT_SOURCE, portable)
 
-    `portable=True` builds the scalar variant of the same source even on an AVX2 machine;
-    tests use it to check the fallback arithmetic.
-    """
+
+@functools.cache
+def load_ops_kernels(portable: bool = False) -> ModuleType | None:
+    """The compiled `ops_cpu` module (fused norm, gated activation, cached attention for decode), or
+    None (with one warning) if it cannot be built."""
+    return _build("lmstack_ops", _OPS_SOURCE, portable)
+
+
+def _build(name: str, source: Path, portable: bool) -> ModuleType | None:
     simd = _has_avx2() and not portable
     # -fopenmp: at::parallel_for is header-inline OpenMP; without it, it silently runs serially.
     cflags = ["-O3", "-fopenmp"] + (["-mavx2", "-mfma", "-mf16c"] if simd else [])
@@ -35,8 +45,8 @@ def load_quant_kernels(portable: bool = False) -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="lmstack_quant_" + ("avx2" if simd else "scalar"),
-            sources=[str(_QUANT_SOURCE)],
+            name=name + ("_avx2" if simd else "_scalar"),
+            sources=[str(source)],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -44,8 +54,8 @@ def load_quant_kernels(portable: bool = False) -> ModuleType | None:
     except Exception as e:  # compiler missing, headers missing, ninja missing, ...
         first_line = (str(e).strip().splitlines() or [""])[0][:200]
         warnings.warn(
-            f"lmstack: quantized CPU kernels unavailable ({type(e).__name__}: {first_line}); "
+            f"lmstack: native CPU kernels {source.name} unavailable ({type(e).__name__}: {first_line}); "
             "using the PyTorch reference path",
-            stacklevel=2,
+            stacklevel=3,
         )
         return None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
-from lmstack.models.layers import RMSNorm, apply_rope
+from lmstack.models.layers import FUSED_MAX_ROWS, RMSNorm, apply_rope, concat_linears, fused_ops
+
+MaskFn = Callable[[int | None], torch.Tensor]  # attention window -> boolean mask (T, S)
 
 
 class KVCache(nn.Module):
@@ -68,27 +72,75 @@ class Attention(nn.Module):
         self.window = config.window(layer_idx)
         self.use_rope = config.positions == "rope"
         self.kv_cache: KVCache | None = None
+        # set by `fuse_projections`: q, k, v (or q, k) from one module
+        self.wqkv: nn.Module | None = None
+        self.wqk: nn.Module | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute q, k, v (or q and k, when v is stored differently) in one call where possible."""
+        if self.wqkv is not None or self.wqk is not None:
+            return
+        if fused := concat_linears([self.wq, self.wk, self.wv]):
+            self.wqkv = fused
+            self.wq = self.wk = self.wv = None  # type: ignore[assignment]
+        elif fused := concat_linears([self.wq, self.wk]):
+            self.wqk = fused
+            self.wq = self.wk = None  # type: ignore[assignment]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., C) -> q (..., nh*hs), k and v (..., nkv*hs), whichever modules hold the weights."""
+        nq, nk = self.nh * self.hs, self.nkv * self.hs
+        if self.wqkv is not None:
+            q, k, v = self.wqkv(x).split([nq, nk, nk], dim=-1)
+            return q, k, v
+        if self.wqk is not None:
+            q, k = self.wqk(x).split([nq, nk], dim=-1)
+            return q, k, self.wv(x)
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(
         self,
         x: torch.Tensor,  # (B, T, C)
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         input_pos: torch.Tensor,  # (T,)
-        masks: dict[int | None, torch.Tensor],
+        mask_for: MaskFn,
         kv_len: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.project(x)  # (B, T, nh*hs), (B, T, nkv*hs) x2
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q.reshape(-1, self.hs)).view(B, T, -1)  # per head
+            k = self.k_norm(k.reshape(-1, self.hs)).view(B, T, -1)
+        cache = self.kv_cache
+        if cache is not None and T <= FUSED_MAX_ROWS and cache.k.dtype == torch.float32:
+            if (ops := fused_ops(q)) is not None:  # decode: rope + cache write + attention in one call
+                cos, sin = rope if self.use_rope and rope is not None else (_NO_ROPE, _NO_ROPE)
+                y = ops.cached_attention(
+                    q,
+                    k,
+                    v,
+                    cache.k,
+                    cache.v,
+                    input_pos,
+                    cos,
+                    sin,
+                    self.scale,
+                    self.softcap or 0.0,
+                    self.window or 0,
+                )
+                return self.wo(y)  # (B, T, C)
+        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.use_rope and rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, kv_len)  # (B, nkv, S, hs)
-        y = attend(q, k, v, masks[self.window], self.scale, self.softcap)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v, kv_len)  # (B, nkv, S, hs)
+        y = attend(q, k, v, mask_for(self.window), self.scale, self.softcap)  # (B, nh, T, hs)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
+
+
+_NO_ROPE = torch.empty(0)
 
 
 def attend(

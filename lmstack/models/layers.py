@@ -8,11 +8,47 @@ Glossary for shape comments (used across lmstack/models):
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from lmstack.config import ModelConfig
+from lmstack.kernels import load_ops_kernels
+
+# The native decode ops (lmstack/kernels/ops_cpu.cpp) replace chains of small PyTorch ops for inputs of at
+# most this many rows: decode steps, speculative verification, engine decode batches. Prefill and training
+# keep the PyTorch code below, which is also the reference the ops are tested against.
+FUSED_MAX_ROWS = 64
+USE_FUSED_OPS = os.environ.get("LMSTACK_FUSED_OPS", "1") != "0"  # LMSTACK_FUSED_OPS=0: PyTorch only
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """The native op module when x is a small float32 CPU batch outside autograd, else None."""
+    if (
+        not USE_FUSED_OPS
+        or x.dtype != torch.float32
+        or not x.is_cpu
+        or torch.is_grad_enabled()
+        or x.numel() > FUSED_MAX_ROWS * x.shape[-1]
+    ):
+        return None
+    return load_ops_kernels()
+
+
+def concat_linears(modules: Sequence[nn.Module]) -> nn.Module | None:
+    """One module computing the outputs of `modules` side by side, or None when they cannot be fused.
+
+    Quantized linears (lmstack.quant) provide a `concat` classmethod: one kernel call then quantizes the
+    activations once and streams all the weights. Float nn.Linear stays separate (fusing would copy it).
+    """
+    kind = type(modules[0])
+    concat = getattr(kind, "concat", None)
+    if concat is None or any(type(m) is not kind for m in modules):
+        return None
+    return concat(list(modules))
 
 
 class RMSNorm(nn.Module):
@@ -25,6 +61,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        evenly_spaced_rows = x.dim() <= 2 or x.is_contiguous()  # what the native op reads
+        if evenly_spaced_rows and self.weight.dtype == torch.float32 and (ops := fused_ops(x)) is not None:
+            return ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
@@ -45,10 +84,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         C, H, bias = config.dim, config.hidden_dim, config.mlp_bias
+        self.hidden = H
         self.gated = config.mlp in ("swiglu", "geglu")
         self.w1 = nn.Linear(C, H, bias=bias)
         self.w2 = nn.Linear(H, C, bias=bias)
         self.w3 = nn.Linear(C, H, bias=bias) if self.gated else None
+        self.w13: nn.Module | None = None  # w1 and w3 fused by `fuse_projections`
         self.act: nn.Module
         if config.mlp == "swiglu":
             self.act = nn.SiLU()
@@ -56,12 +97,25 @@ class MLP(nn.Module):
             self.act = nn.ReLU()
         else:
             self.act = nn.GELU(approximate=config.gelu_approx)
+        # the native op's code for the gate activation
+        self.act_code = {"swiglu": 0, "geglu": 1 if config.gelu_approx == "tanh" else 2}.get(config.mlp)
+
+    def fuse_projections(self) -> None:
+        """Compute gate and up projections in one call when their modules can be concatenated."""
+        if self.w3 is not None and self.w13 is None and (w13 := concat_linears([self.w1, self.w3])):
+            self.w13 = w13
+            self.w1 = self.w3 = None  # type: ignore[assignment]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        h = self.act(self.w1(x))  # (B, T, H)
-        if self.w3 is not None:
-            h = h * self.w3(x)
-        return self.w2(h)  # (B, T, C)
+        if self.w13 is not None:
+            a, b = self.w13(x).split(self.hidden, dim=-1)  # (B, T, H) each
+        else:
+            a, b = self.w1(x), (self.w3(x) if self.w3 is not None else None)  # (B, T, H)
+        if b is None:
+            return self.w2(self.act(a))
+        if self.act_code is not None and (ops := fused_ops(a)) is not None:
+            return self.w2(ops.gated_act(a, b, self.act_code))
+        return self.w2(self.act(a) * b)  # (B, T, C)
 
 
 def rope_cos_sin(

@@ -6,6 +6,7 @@ glossary is in lmstack/models/layers.py.
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import torch
@@ -26,8 +27,8 @@ class Block(nn.Module):
         self.post_attn_norm = make_norm(config) if config.post_norms else None
         self.post_mlp_norm = make_norm(config) if config.post_norms else None
 
-    def forward(self, x, rope, input_pos, masks, kv_len) -> torch.Tensor:  # (B, T, C)
-        h = self.attn(self.attn_norm(x), rope, input_pos, masks, kv_len)
+    def forward(self, x, rope, input_pos, mask_for, kv_len) -> torch.Tensor:  # (B, T, C)
+        h = self.attn(self.attn_norm(x), rope, input_pos, mask_for, kv_len)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -100,11 +101,21 @@ class Transformer(nn.Module):
             )
         x = self.embed(idx, input_pos)  # (B, T, C)
         k_pos = torch.arange(kv_len, device=idx.device) if self.cache_len else input_pos
-        masks = {w: attention_mask(input_pos, k_pos, w) for w in self._windows()}  # each (T, S)
+
+        @functools.cache
+        def mask_for(window: int | None) -> torch.Tensor:  # (T, S), built once per window, if needed
+            return attention_mask(input_pos, k_pos, window)
+
         ropes = self._ropes(input_pos)
         for i, layer in enumerate(self.layers):
-            x = layer(x, ropes.get(self._rope_key(i)), input_pos, masks, kv_len)
+            x = layer(x, ropes.get(self._rope_key(i)), input_pos, mask_for, kv_len)
         return self.head(self.norm(x))  # (B, T, V)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up projections where their modules allow it (quantized inference)."""
+        for layer in self.layers:
+            cast(Block, layer).attn.fuse_projections()
+            cast(Block, layer).mlp.fuse_projections()
 
     def embed(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -123,9 +134,6 @@ class Transformer(nn.Module):
             cap = self.config.final_softcap
             logits = cap * torch.tanh(logits / cap)
         return logits
-
-    def _windows(self) -> set[int | None]:
-        return {self.config.window(i) for i in range(self.config.n_layers)}
 
     def _rope_key(self, i: int) -> tuple[float, float]:
         c = self.config
