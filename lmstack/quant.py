@@ -91,29 +91,94 @@ def pack_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return _interleave_rows(codes), scales
 
 
-def pack_q4(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def pack_q4(weight: Tensor, importance: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(N, K) float -> qweight uint8 (ceil(N/G), Kp/64, G, 32), scales, mins (N, Kp/32).
 
     Kp is K rounded up to 64 (padding weights are 0). Byte j of a row's chunk p holds
     element 64p + j in its low nibble and 64p + 32 + j in its high nibble, so the kernel
-    gets two whole blocks from one 256-bit load with a mask and a shift.
+    gets two whole blocks from one 256-bit load with a mask and a shift. `importance` (K,)
+    weights each input column's error when fitting scales (see `fit_q4_blocks`).
     """
     n, k = weight.shape
     kp = -(-k // (2 * BLOCK)) * 2 * BLOCK
+    imp = None
+    if importance is not None:
+        if importance.shape != (k,):
+            raise ValueError(
+                f"importance must have one weight per input column ({k}), got {tuple(importance.shape)}"
+            )
+        imp = (
+            F.pad(importance.detach().float().clamp_min(0), (0, kp - k)).view(kp // BLOCK, BLOCK).contiguous()
+        )
     codes = torch.empty(n, kp // (2 * BLOCK), BLOCK, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(n, kp // BLOCK, dtype=torch.int16, device=weight.device)
     mins = torch.empty_like(scales)
-    for rows in _row_chunks(n, kp, _PACK_ELEMS):
+    for rows in _row_chunks(n, kp, _PACK_ELEMS // 4):
         wb = weight[rows].float()
         wb = (wb if kp == k else F.pad(wb, (0, kp - k))).view(-1, kp // BLOCK, BLOCK)  # (n, nb, 32)
-        lo, hi = torch.aminmax(wb, dim=-1)
-        d, m = ((hi - lo) / 15).half(), lo.half()  # (n, nb)
-        inv = torch.where(d > 0, 1.0 / d.float(), 0.0)
-        q = wb.sub(m.float()[..., None]).mul_(inv[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+        ext = load_quant_kernels() if wb.is_cpu else None
+        if ext is not None:  # the same search in C++, ~20x faster
+            fitted = ext.q4_fit_blocks(
+                wb.reshape(-1, BLOCK), list(R_STEPS), imp if imp is not None else _NONE
+            )
+            d, m = (t.view(wb.shape[:2]) for t in fitted)
+        else:
+            d, m = fit_q4_blocks(wb, imp)  # (n, nb) fp16
+        q = _q4_round(wb, d.float()[..., None], m.float()[..., None]).to(torch.uint8)
         q = q.view(q.shape[0], -1, 2, BLOCK)  # (n, nb/2, 2, 32)
         codes[rows] = q[:, :, 1].bitwise_left_shift(4).bitwise_or_(q[:, :, 0])
         scales[rows], mins[rows] = d.view(torch.int16), m.view(torch.int16)
     return _interleave_rows(codes), scales, mins
+
+
+_NONE = torch.empty(0)
+# Candidate grids per block for `fit_q4_blocks`: 15 + r levels across [min, max], r in R_STEPS.
+R_STEPS = tuple(-1.0 + 0.25 * i for i in range(9))
+
+
+def _q4_round(wb: Tensor, d: Tensor, m: Tensor) -> Tensor:
+    """Codes round((w - m) / d) in [0, 15], as float; d = 0 blocks get code 0."""
+    inv = torch.where(d > 0, 1.0 / d, 0.0)
+    return (wb - m).mul_(inv).round_().clamp_(0, 15)
+
+
+def fit_q4_blocks(wb: Tensor, importance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scale d and min m (fp16, (n, nb)) per block of wb (n, nb, 32) for w ~ d q + m, q in [0, 15].
+
+    Min/max scaling spends the grid on the block's extremes; like llama.cpp's k-quants, this also tries
+    grids slightly finer and coarser than that (`R_STEPS`), refits d and m to each candidate's codes by
+    least squares, and keeps whichever reconstructs the block with the least squared error. On the
+    Qwen2.5 0.5B weights that cuts the q4 error by ~25 % against min/max alone. `importance` (nb, 32),
+    one weight per input column (e.g. the mean squared activation it multiplies), weights the error.
+    """
+    w = torch.ones_like(wb) if importance is None else importance.expand_as(wb)
+    lo, hi = wb.amin(-1, keepdim=True), wb.amax(-1, keepdim=True)  # (n, nb, 1)
+    span = (hi - lo).clamp_min(1e-20)
+    best_d, best_m = ((hi - lo) / 15).half(), lo.half()
+    rec = _q4_round(wb, best_d.float(), best_m.float()).mul_(best_d.float()).add_(best_m.float())
+    best_err = rec.sub_(wb).square_().mul_(w).sum(-1, keepdim=True)
+    sw, sx = w.sum(-1, keepdim=True), (w * wb).sum(-1, keepdim=True)
+    for r in R_STEPS:
+        q = (wb - lo).mul_((15 + r) / span).round_().clamp_(0, 15)
+        wq = w * q
+        sq, sqq, sqx = (
+            wq.sum(-1, keepdim=True),
+            (wq * q).sum(-1, keepdim=True),
+            (wq * wb).sum(-1, keepdim=True),
+        )
+        det = sw * sqq - sq * sq  # > 0 unless every code is equal
+        ok = det > 0
+        d = torch.where(ok, (sw * sqx - sq * sx) / det.where(ok, 1.0), 0.0).half()
+        m = torch.where(ok, (sqq * sx - sq * sqx) / det.where(ok, 1.0), lo).half()
+        rec = _q4_round(wb, d.float(), m.float()).mul_(d.float()).add_(m.float())
+        err = rec.sub_(wb).square_().mul_(w).sum(-1, keepdim=True)
+        better = (err < best_err) & (d > 0)
+        best_d, best_m, best_err = (
+            best_d.where(~better, d),
+            best_m.where(~better, m),
+            err.where(better, best_err),
+        )
+    return best_d[..., 0], best_m[..., 0]
 
 
 def _int8_codes(qweight: Tensor, n_rows: int) -> Tensor:
@@ -511,7 +576,9 @@ def _quantized(module: nn.Linear | nn.Embedding, dtype: QuantDType, packed: dict
 
 
 def quantize_model(
-    model: nn.Module, dtype: QuantDType, skip: Callable[[str], bool] | None = None
+    model: nn.Module,
+    dtype: QuantDType,
+    skip: Callable[[str], bool] | None = None,
 ) -> nn.Module:
     """Swap every nn.Linear / nn.Embedding under `model` in place and return `model`.
 

@@ -10,12 +10,14 @@ from torch import nn
 from lmstack.kernels import load_quant_kernels
 from lmstack.quant import (
     PREFILL_MIN_ROWS,
+    R_STEPS,
     Int8Embedding,
     Int8Linear,
     Q4Embedding,
     Q4Linear,
     dequantize_int8,
     dequantize_q4,
+    fit_q4_blocks,
     int8_linear_reference,
     pack_int8,
     pack_q4,
@@ -118,6 +120,50 @@ def test_dequantize_error_is_small(pack, unpack, bound):
     else:
         err = _rel(unpack(*pack_q4(w), 896), w)
     assert err < bound
+
+
+def _fit_error(wb, d, m):
+    d, m = d.float()[..., None], m.float()[..., None]
+    codes = torch.where(d > 0, ((wb - m) / d).round().clamp(0, 15), 0.0)
+    return (codes * d + m - wb).square().sum(-1)  # (n, nb)
+
+
+def test_q4_fit_beats_min_max_and_kernel_matches_reference(ext):
+    wb = torch.distributions.StudentT(3.0).sample((256, 28, 32)) * 0.02  # heavy-tailed, like real rows
+    wb[0, 0] = 0.0  # a constant block
+    wb[0, 1] = torch.linspace(-1, 1, 32)  # a block min/max already fits exactly
+    d, m = fit_q4_blocks(wb)
+    lo, hi = wb.amin(-1), wb.amax(-1)
+    minmax = _fit_error(wb, ((hi - lo) / 15).half(), lo.half())
+    err = _fit_error(wb, d, m)
+    assert (err <= minmax * (1 + 1e-6) + 1e-12).all()  # never worse than min/max, block by block
+    assert err.sum() < 0.85 * minmax.sum()  # and clearly better overall
+    kd, km = ext.q4_fit_blocks(wb.reshape(-1, 32), list(R_STEPS), torch.empty(0))
+    kernel_err = _fit_error(wb, kd.view(d.shape), km.view(m.shape))
+    torch.testing.assert_close(kernel_err.sum(), err.sum(), rtol=1e-3, atol=0)  # ties may break differently
+    assert _fit_error(wb[:1, :1], d[:1, :1], m[:1, :1]).item() == 0.0
+
+
+def test_q4_importance_weights_the_fit(ext):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 96)) * 0.02
+    importance = torch.rand(96) ** 4  # a few columns matter, most barely do
+    weighted_err = lambda wq: ((wq - w).square() * importance).sum()  # noqa: E731
+    plain = dequantize_q4(*pack_q4(w), 96)
+    fitted = dequantize_q4(*pack_q4(w, importance), 96)
+    assert weighted_err(fitted) < 0.9 * weighted_err(plain)
+    imp = F.pad(importance, (0, 32)).view(-1, 32)  # 96 inputs pad to 128: 4 blocks
+    wb = F.pad(w, (0, 32)).view(64, 4, 32)
+    d, m = fit_q4_blocks(wb, imp)
+    kd, km = ext.q4_fit_blocks(wb.reshape(-1, 32), list(R_STEPS), imp)
+    torch.testing.assert_close(
+        _fit_error(wb, kd.view(d.shape), km.view(m.shape)).sum(),
+        _fit_error(wb, d, m).sum(),
+        rtol=1e-3,
+        atol=0,
+    )  # ties may break differently
+    with pytest.raises(ValueError, match="one weight per input column"):
+        pack_q4(w, torch.ones(95))
 
 
 def test_q4_padding_roundtrip():

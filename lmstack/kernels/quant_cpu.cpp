@@ -568,6 +568,72 @@ std::vector<at::Tensor> quantize_activations(const at::Tensor& x, int64_t Kp) {
   return {q, d, s};
 }
 
+// Scale and min per block of 32 weights for q4: the least-squares refit of the
+// codes of each candidate grid in `r_steps` (see lmstack.quant.fit_q4_blocks,
+// the reference), keeping the one with the least (importance-weighted) squared
+// error. wb (nblocks, 32) float32 rows of nb blocks each; importance empty or
+// (nb, 32), one weight per input column -> d, m (nblocks,) float16.
+namespace fit {
+inline float recon_err(const float* x, const float* w, float d, float m) {
+  const float inv = d > 0 ? 1.f / d : 0.f;
+  float err = 0.f;
+  for (int i = 0; i < QK; ++i) {
+    const float q = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - m) * inv)));
+    const float e = q * d + m - x[i];
+    err += w[i] * e * e;
+  }
+  return err;
+}
+inline float f16(float v) { return static_cast<float>(static_cast<at::Half>(v)); }
+}  // namespace fit
+
+std::vector<at::Tensor> q4_fit_blocks(const at::Tensor& wb, const std::vector<double>& r_steps,
+                                      const at::Tensor& importance) {
+  TORCH_CHECK(wb.device().is_cpu() && wb.scalar_type() == at::kFloat && wb.dim() == 2 && wb.size(1) == QK &&
+                  wb.is_contiguous(),
+              "wb must be contiguous float32 (blocks, 32)");
+  const bool weighted = importance.numel() > 0;
+  TORCH_CHECK(!weighted || (importance.scalar_type() == at::kFloat && importance.is_contiguous() &&
+                            importance.numel() % QK == 0 && wb.size(0) % (importance.numel() / QK) == 0),
+              "importance must be contiguous float32 (nb, 32) with nb dividing the block count");
+  const int64_t nblocks = wb.size(0), nb = weighted ? importance.numel() / QK : 1;
+  at::Tensor d = at::empty({nblocks}, wb.options().dtype(at::kHalf)), m = at::empty_like(d);
+  const float* x0 = wb.data_ptr<float>();
+  const float* w0 = weighted ? importance.data_ptr<float>() : nullptr;
+  at::Half* dp = d.data_ptr<at::Half>();
+  at::Half* mp = m.data_ptr<at::Half>();
+  at::parallel_for(0, nblocks, 1024, [&](int64_t b0, int64_t b1) {
+    float ones[QK];
+    std::fill(ones, ones + QK, 1.f);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* x = x0 + b * QK;
+      const float* w = weighted ? w0 + (b % nb) * QK : ones;
+      float lo = x[0], hi = x[0], sw = 0.f, sx = 0.f;
+      for (int i = 0; i < QK; ++i) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]), sw += w[i], sx += w[i] * x[i];
+      const float span = std::max(hi - lo, 1e-20f);
+      float best_d = fit::f16((hi - lo) / 15), best_m = fit::f16(lo);
+      float best_err = fit::recon_err(x, w, best_d, best_m);
+      for (const double r : r_steps) {
+        const float iscale = static_cast<float>(15 + r) / span;
+        float sq = 0.f, sqq = 0.f, sqx = 0.f;
+        for (int i = 0; i < QK; ++i) {
+          const float q = std::min(15.f, std::max(0.f, std::nearbyint((x[i] - lo) * iscale)));
+          sq += w[i] * q, sqq += w[i] * q * q, sqx += w[i] * q * x[i];
+        }
+        const float det = sw * sqq - sq * sq;
+        if (!(det > 0)) continue;
+        const float dd = fit::f16((sw * sqx - sq * sx) / det), mm = fit::f16((sqq * sx - sq * sqx) / det);
+        if (!(dd > 0)) continue;
+        const float err = fit::recon_err(x, w, dd, mm);
+        if (err < best_err) best_d = dd, best_m = mm, best_err = err;
+      }
+      dp[b] = static_cast<at::Half>(best_d);
+      mp[b] = static_cast<at::Half>(best_m);
+    }
+  });
+  return {d, m};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -578,6 +644,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "y = x @ dequant(q4 weight).T (+ bias), int8 activations", release());
   m.def("q8_dequant_rows", &q8_dequant_rows, "gather + dequantize q8 rows", release());
   m.def("q4_dequant_rows", &q4_dequant_rows, "gather + dequantize q4 rows", release());
+  m.def("q4_fit_blocks", &q4_fit_blocks, "q4 scale and min per 32-block, least-squares grid search", release());
   m.def("quantize_activations", &quantize_activations, "x -> (int8, scale, scale*sum) per 32-block", release());
 #ifdef __AVX2__
   m.attr("simd") = "avx2";
