@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     checks = [("--port", 0 < args.port < 65536), ("--max-waiting", args.max_waiting >= 1),
               ("--max-num-seqs", args.max_num_seqs >= 1), ("--kv-cache-mb", args.kv_cache_mb > 0),
               ("--max-body-mb", args.max_body_mb > 0), ("--request-timeout", args.request_timeout >= 0),
-              ("--drain-timeout", args.drain_timeout >= 0)]  # fmt: skip
+              ("--drain-timeout", args.drain_timeout >= 0),
+              ("--num-speculative-tokens", args.num_speculative_tokens >= 1)]  # fmt: skip
     for flag, ok in checks:
         if not ok:
             raise ValueError(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
@@ -142,7 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         llm = _load(source, args.device, args.dtype, args.threads, args.data_dir)
         models[name] = ModelEntry.from_llm(
             name, llm, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
-            kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
+            kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20), speculative=args.speculative,
+            num_speculative_tokens=args.num_speculative_tokens,
         )  # fmt: skip
     settings = ServerSettings(
         api_keys=frozenset(keys), max_body_bytes=int(args.max_body_mb * 2**20),
@@ -214,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests per model before 503")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per model")
     p.add_argument("--kv-cache-mb", type=float, default=512, help="KV-cache memory per model")
+    p.add_argument(
+        "--speculative", default=None, choices=["prompt_lookup"],
+        help="speculative decoding: prompt_lookup drafts from the request's own text (no draft model)",
+    )  # fmt: skip
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per request per step")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request; 0 = none")
     p.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key")
     p.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key")

@@ -94,6 +94,16 @@ def test_chat_reset_and_exit(tiny_checkpoint, tmp_path):
     assert "(history cleared)" in r.stdout
 
 
+def test_serve_takes_the_engines_speculative_options():
+    from lmstack.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--speculative", "prompt_lookup", "--num-speculative-tokens", "3"]
+    )
+    assert (args.speculative, args.num_speculative_tokens) == ("prompt_lookup", 3)
+    assert build_parser().parse_args(["serve"]).speculative is None
+
+
 @pytest.mark.slow
 def test_default_model_knows_the_capital_of_france(tmp_path):
     from lmstack.api import default_home

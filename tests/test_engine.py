@@ -15,6 +15,7 @@ from tokenizers import models, pre_tokenizers
 from lmstack.config import NAMED_CONFIGS, ModelConfig
 from lmstack.engine import AsyncEngine, LLMEngine, RequestOutput
 from lmstack.generate import SamplingParams, generate_text
+from lmstack.models import layers
 from lmstack.models.transformer import Transformer
 from lmstack.tokenizer import Tokenizer
 
@@ -116,9 +117,12 @@ def assert_matches_simple_path(model, tok, got: Collected, prompt, params):
     "name,caching", [("llama-tiny", True), ("llama-tiny", False), ("gpt2-tiny", True), ("gemma3-tiny", True),
                      ("gemma2-tiny", True)],
 )  # fmt: skip
-def test_mixed_batch_greedy_equals_simple_path(tok, name, caching):
+@pytest.mark.parametrize("native", [True, False], ids=["native-ops", "pytorch"])
+def test_mixed_batch_greedy_equals_simple_path(tok, name, caching, native, monkeypatch):
     """7 requests, prompts up to 60 tokens (budget 16: chunked), staggered arrivals, a shared prefix, and
-    a 30-block pool of 4 tokens: preemption and recompute happen, and change no token."""
+    a 30-block pool of 4 tokens: preemption and recompute happen, and change no token. Attention runs
+    through the native paged-attention op or the PyTorch gather + SDPA path."""
+    monkeypatch.setattr(layers, "USE_FUSED_OPS", native)
     model = tiny(name)
     ps = prompts(3, 9, 20, 37, 45, 60, 6)
     ps[6] = ps[4][:32] + ps[6]  # shares 8 blocks with request 4

@@ -150,7 +150,9 @@ def test_decode_with_native_ops_matches_pytorch_path(monkeypatch, name, quant):
             logits.append(model(ids[:, 17:20], torch.arange(17, 20)))
         outs.append(torch.cat(logits, dim=1))
     scale = outs[0].abs().max()
-    assert (outs[1] - outs[0]).abs().max() <= 1e-5 * scale
+    # Quantized models quantize activations to int8: a 1e-7 change in a norm's output can flip a code,
+    # which moves the logits by ~1e-3 relative; float models must agree to rounding.
+    assert (outs[1] - outs[0]).abs().max() <= (1e-5 if quant is None else 2e-2) * scale
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Q4Linear])
@@ -180,3 +182,29 @@ def test_float_mlp_is_not_fused():
     mlp = MLP(tiny("llama-tiny"))
     mlp.fuse_projections()
     assert mlp.w13 is None and mlp.w1 is not None
+
+
+@pytest.mark.parametrize(("softcap", "window"), [(None, None), (25.0, None), (None, 6)])
+def test_paged_attention_matches_gather_and_sdpa(ops, softcap, window):
+    """Three requests in one flattened batch -- two decodes and a 5-token prefill chunk -- over shuffled
+    blocks of a paged cache, against the engine's PyTorch path (gather through the block table + SDPA)."""
+    from lmstack.engine.runner import _Span, paged_attention, plan_reads
+
+    torch.manual_seed(0)
+    nh, nkv, hs, bs, num_blocks = 6, 2, 16, 4, 24
+    k_cache, v_cache = torch.randn(num_blocks, bs, nkv, hs), torch.randn(num_blocks, bs, nkv, hs)
+    blocks = torch.randperm(num_blocks).tolist()
+    spans = [  # (rows, first position, block table): lengths 13, 9 (5 new) and 1
+        _Span(0, 1, 12, blocks[0:4]),
+        _Span(1, 6, 4, blocks[4:7]),
+        _Span(6, 7, 0, blocks[7:8]),
+    ]
+    q = torch.randn(7, nh, hs)
+    ref = paged_attention(q, k_cache, v_cache, plan_reads(spans, window, bs, "cpu"), 0.25, softcap)
+    nb = max(len(s.block_ids) for s in spans)
+    table = torch.tensor([s.block_ids + [0] * (nb - len(s.block_ids)) for s in spans])
+    starts, lens = torch.tensor([0, 1, 6, 7]), torch.tensor([s.seq_len for s in spans])
+    got = ops.paged_attention(q, k_cache, v_cache, table, starts, lens, 0.25, softcap or 0.0, window or 0)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="block table width"):
+        ops.paged_attention(q, k_cache, v_cache, table[:, :1].contiguous(), starts, lens, 0.25, 0.0, 0)

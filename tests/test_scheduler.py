@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmstack.engine.kv_cache import KVCacheManager
+from lmstack.engine.kv_cache import KVCacheManager, hash_block
 from lmstack.engine.request import Request, RequestStatus
 from lmstack.engine.scheduler import Scheduler, SchedulerOutput
 
@@ -27,7 +27,7 @@ def step(s: Scheduler, token: int = 500) -> SchedulerOutput:
     assert s.num_running <= s.max_num_seqs
     for x in out.scheduled:  # a block table always covers what the step writes
         assert len(x.block_ids) * s.kv.block_size >= x.num_computed_tokens + len(x.token_ids)
-    s.update(out, {x.request_id: token for x in out.scheduled if x.sample})
+    s.update(out, {x.request_id: [token] for x in out.scheduled if x.sample})
     return out
 
 
@@ -84,7 +84,7 @@ def test_preempts_the_youngest_which_later_completes_with_its_tokens():
             (x,) = [x for x in out.scheduled if x.request_id == "b"]
             assert x.sample and x.token_ids == tokens_before[x.num_computed_tokens :]
             assert len(tokens_before) > 6
-        s.update(out, {x.request_id: 500 for x in out.scheduled if x.sample})
+        s.update(out, {x.request_id: [500] for x in out.scheduled if x.sample})
     assert preempted and set(preempted) == {"b"} and resumed == len(preempted)
     assert s.num_preemptions == b.num_preemptions == len(preempted)
     assert a.num_output_tokens == 14 and b.num_output_tokens == 10
@@ -140,7 +140,7 @@ def test_prefix_hits_count_as_computed_tokens():
     (x,) = out.scheduled
     assert x.num_computed_tokens == 12 and x.token_ids == list(range(13, 17)) and x.sample
     assert s.kv.prefix_cache_hit_rate() == pytest.approx(12 / 36)
-    s.update(out, {"b": 500})
+    s.update(out, {"b": [500]})
     assert not s.has_unfinished()
 
 
@@ -162,3 +162,56 @@ def test_duplicate_ids_are_refused():
     add(s, "a", 3, 1)
     with pytest.raises(ValueError, match="already in use"):
         add(s, "a", 3, 1)
+
+
+# --- speculative decoding: drafts are computed tokens running ahead ---------------------------------------
+def names(s: Scheduler, r: Request) -> list[bytes | None]:
+    return [s.kv.pool.blocks[b].block_hash for b in s.kv.block_ids(r.request_id)]
+
+
+def test_drafts_fit_budget_and_length_and_rejected_ones_are_taken_back():
+    s = make(block_size=4, budget=8)
+    r = add(s, "a", 6, 10)
+    step(s)  # prefill: 6 prompt tokens + 1 output token, 6 computed
+    r.spec_token_ids = [7, 8, 9, 10, 11, 12, 13, 14]
+    out = s.schedule()
+    (x,) = out.scheduled
+    assert x.token_ids == [500, 7, 8, 9, 10, 11, 12, 13] and x.num_spec_tokens == 7 and x.sample  # budget 8
+    assert x.num_computed_tokens == 6 and len(x.block_ids) == 4  # positions 6..13
+    assert names(s, r)[1:] == [None] * 3  # names cover accepted tokens only: one full block of them
+    s.update(out, {"a": [7, 8, 99]})  # drafts 7, 8 accepted, then the target's own token
+    assert r.output_ids == [500, 7, 8, 99] and r.num_computed_tokens == r.num_tokens - 1 == 9
+    assert len(s.kv.block_ids("a")) == 3 and s.kv.usage() == 3 / 64  # the rejected drafts' block is free
+    r.spec_token_ids = [1] * 8
+    (x,) = s.schedule().scheduled
+    assert x.num_spec_tokens == 5  # 10 - 4 output tokens - 1: a verification never runs past the length
+    assert names(s, r)[:2] == [
+        hash_block(None, r.token_ids[:4]),
+        hash_block(names(s, r)[0], r.token_ids[4:8]),
+    ]
+    s.update(SchedulerOutput([x]), {"a": [1, 1, 1, 1, 1, 2]})
+    assert r.num_output_tokens == 10 and r.status is RequestStatus.FINISHED_LENGTH and s.kv.usage() == 0
+
+
+def test_a_stop_id_inside_an_accepted_run_ends_it_there():
+    s = make()
+    r = add(s, "a", 5, 20, stop={42})
+    step(s)
+    r.spec_token_ids = [5, 42, 6]
+    out = s.schedule()
+    s.update(out, {"a": [5, 42, 6, 7]})
+    assert r.output_ids == [500, 5, 42] and r.status is RequestStatus.FINISHED_STOPPED and s.kv.usage() == 0
+
+
+def test_short_of_blocks_drafts_are_dropped_rather_than_anyone_preempted():
+    s = make(num_blocks=4, block_size=4, budget=64)
+    a = add(s, "a", 5, 20)
+    add(s, "b", 5, 20, first=50)
+    step(s)  # 6 tokens each: 2 blocks each, the pool is full, one free slot each
+    a.spec_token_ids = [1, 2, 3]
+    out = s.schedule()
+    assert [(x.request_id, len(x.token_ids), x.num_spec_tokens) for x in out.scheduled] == [
+        ("a", 1, 0),
+        ("b", 1, 0),
+    ]
+    assert not out.preempted_ids

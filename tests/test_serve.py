@@ -253,10 +253,42 @@ def test_models_health_and_metrics(served, client):
         "lmstack_e2e_request_latency_seconds_count", "lmstack_prompt_tokens_total",
         "lmstack_generation_tokens_total", "lmstack_num_requests_running", "lmstack_num_requests_waiting",
         "lmstack_kv_cache_usage_ratio", "lmstack_num_preemptions_total",
-        "lmstack_spec_decode_draft_acceptance_rate",
+        "lmstack_spec_decode_draft_acceptance_rate", "lmstack_spec_decode_num_draft_tokens_total",
+        "lmstack_spec_decode_num_accepted_tokens_total",
         'lmstack_requests_total{finish_reason="length",model="tiny"}',
     ):  # fmt: skip
         assert name in text, name
+
+
+def metric(text: str, name: str, model: str = "tiny") -> float:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(f'{name}{{model="{model}"}} ')]
+    return float(line.split()[-1])
+
+
+def test_prompt_lookup_serves_the_simple_paths_text_and_exposes_acceptance(llm):
+    """`lmstack serve --speculative prompt_lookup`: the same greedy text, streamed and not, and the
+    acceptance counters on /metrics (the random model loops, so lookup proposes and gets accepted)."""
+    srv, models = start_server(llm, speculative="prompt_lookup", num_speculative_tokens=3)
+    try:
+        client, prompt = client_for(srv), "def f(x):\n    return x + 1\n" * 3
+        _, ref = greedy_reference(llm, prompt, 40, chat=False, ignore_eos=True)
+        got = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=40, temperature=0, extra_body=LONG
+        )
+        assert got.choices[0].text == ref.text and got.usage.completion_tokens == 40
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True, **LONG}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
+            chunks = [json.loads(p) for p in sse_payloads(r) if p != "[DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == ref.text
+        text = httpx.get(f"{srv.url}/metrics").text
+        drafted = metric(text, "lmstack_spec_decode_num_draft_tokens_total")
+        accepted = metric(text, "lmstack_spec_decode_num_accepted_tokens_total")
+        assert 0 < accepted <= drafted
+        assert metric(text, "lmstack_spec_decode_draft_acceptance_rate") == pytest.approx(accepted / drafted)
+        assert metric(text, "lmstack_generation_tokens_total") == 80
+        assert models["tiny"].engine.stats().spec_draft_tokens_total == drafted
+    finally:
+        srv.stop()
 
 
 def test_base_model_serves_completions(client):

@@ -113,11 +113,29 @@ def test_invalid_combinations(srv):
     assert "stop" in err["message"]
 
 
-def test_json_object_response_format_is_refused_for_now(srv):
-    err = error_of(post(srv, "/v1/chat/completions", chat(response_format={"type": "json_object"})), 400)
-    assert err["param"] == "response_format" and "not supported yet" in err["message"]
-    ok = post(srv, "/v1/chat/completions", chat(response_format={"type": "text"}))
-    assert ok.status_code == 200
+def test_response_format_refusals(srv):
+    err = error_of(post(srv, "/v1/chat/completions", chat(response_format={"type": "yaml"})), 400)
+    assert err["param"] == "response_format.type" and err["code"] == "invalid_value"
+    assert "'json_object'" in err["message"] and "'json_schema'" in err["message"]
+    with pytest.raises(openai.BadRequestError) as caught:  # the official client, on the legacy endpoint too
+        client_for(srv, KEY).completions.create(
+            model="tiny", prompt="x", max_tokens=4, extra_body={"response_format": {"type": "yaml"}}
+        )
+    assert caught.value.status_code == 400 and caught.value.param == "response_format.type"
+    err = error_of(post(srv, "/v1/chat/completions", chat(response_format="json")), 400)
+    assert err["param"] == "response_format" and err["code"] == "invalid_type"
+    err = error_of(post(srv, "/v1/chat/completions", chat(response_format={"type": "json_schema"})), 400)
+    assert err["param"] == "response_format.json_schema" and err["code"] == "missing_required_parameter"
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}
+    err = error_of(post(srv, "/v1/chat/completions", chat(response_format=bad_schema)), 400)
+    assert err["param"] == "response_format.json_schema.schema" and "objekt" in err["message"]
+    err = error_of(
+        post(srv, "/v1/chat/completions", chat(response_format={"type": "json_object"}, ignore_eos=True)), 400
+    )
+    assert err["param"] == "ignore_eos"
+    for fmt in ({"type": "text"}, {"type": "json_object"}):
+        ok = post(srv, "/v1/chat/completions", chat(response_format=fmt))
+        assert ok.status_code == 200
 
 
 def test_unknown_model_and_lora_names(srv):

@@ -20,6 +20,7 @@ from lmstack.generate.speculative import (
     SpecStats,
     accept_greedy,
     accept_sampled,
+    accepted_length,
     ngram_continuation,
     speculative_generate_tokens,
 )
@@ -204,6 +205,16 @@ def test_accept_greedy_keeps_the_agreeing_prefix_then_the_targets_token():
     assert int(n) == 2 and tokens[: int(n) + 1].tolist() == [4, 6, 1]
     n, tokens = accept_greedy(logits, torch.tensor([4, 6, 1]))
     assert int(n) == 3 and tokens.tolist() == [4, 6, 1, 0]  # all kept, plus the bonus token
+
+
+def test_accepted_length_counts_what_accept_greedy_keeps():
+    """The engine's rule (on tokens it already sampled) is accept_greedy's count on argmax tokens."""
+    g = torch.Generator().manual_seed(0)
+    for k in range(5):
+        for _ in range(20):
+            logits, drafts = torch.randn(k + 1, 3, generator=g), torch.randint(0, 3, (k,), generator=g)
+            n, tokens = accept_greedy(logits, drafts)
+            assert accepted_length(tokens.tolist(), drafts.tolist()) == int(n)
 
 
 # --- sampling: the emitted tokens have the target's distribution ---------------------------------------

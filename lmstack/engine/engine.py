@@ -5,13 +5,19 @@ owns the three parts and the text side: each request's `IncrementalDetokenizer` 
 applied exactly as the simple path's `TextStream` does, so `generate_text` and the engine give the same
 tokens and the same text. A stop string found in the text finishes the request here, and the scheduler
 frees its blocks at once.
+
+Speculative decoding (`speculative="prompt_lookup"`): after each step the proposer guesses up to
+`num_speculative_tokens` drafts for every running request from its own tokens (n-gram lookup in prompt +
+output, `lmstack.generate.speculative`); the scheduler fits them into the next step, the runner verifies
+them, and a request may then get several tokens in one step. Greedy and seeded outputs are the same tokens
+as without speculation.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,12 +25,15 @@ from torch import nn
 from lmstack.engine.kv_cache import KVCacheManager, PagedKVCache
 from lmstack.engine.request import EngineStats, Request, RequestOutput, RequestStatus, TokenLogprob
 from lmstack.engine.runner import ModelRunner, RunnerOutput, model_device
-from lmstack.engine.scheduler import Scheduler
+from lmstack.engine.scheduler import Scheduler, SchedulerOutput
 from lmstack.generate.generate import StopStringMatcher, check_fits
 from lmstack.generate.sampling import SamplingParams
+from lmstack.generate.speculative import PromptLookupProposer, SpecStats
+from lmstack.generate.structured import GrammarCompiler
 from lmstack.models.transformer import Transformer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 * 2**20
+Speculative = Literal["prompt_lookup"]
 
 
 @dataclass
@@ -60,9 +69,16 @@ class LLMEngine:
         max_num_batched_tokens: int = 512,
         enable_prefix_caching: bool = True,
         kv_cache_dtype: torch.dtype | None = None,
+        speculative: Speculative | None = None,
+        num_speculative_tokens: int = 4,
     ) -> None:
         """`num_blocks` of `block_size` token slots each; by default as many as fit in
-        `kv_cache_memory_bytes` (K and V of every layer). Without a tokenizer: no text, no stop strings."""
+        `kv_cache_memory_bytes` (K and V of every layer). Without a tokenizer: no text, no stop strings.
+        `speculative`: None, or "prompt_lookup" with up to `num_speculative_tokens` drafts per request."""
+        if speculative not in (None, "prompt_lookup"):
+            raise ValueError(f"speculative must be None or 'prompt_lookup'; got {speculative!r}")
+        if speculative and num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1; got {num_speculative_tokens}")
         c = model.config
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
@@ -80,12 +96,17 @@ class LLMEngine:
             max_model_len=c.max_seq_len,
         )
         kv_cache = PagedKVCache(c.n_layers, num_blocks, block_size, c.kv_heads, c.hd, dtype, self.device)
-        self.runner = ModelRunner(model, kv_cache, self.device)
+        # constrained decoding: the vocabulary is compiled once per engine, on the first JSON request
+        self.grammars = GrammarCompiler(tokenizer, c.vocab_size) if tokenizer is not None else None
+        self.runner = ModelRunner(model, kv_cache, self.device, self.grammars)
         self.stop_ids = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
         self._text: dict[str, _TextState] = {}
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.proposer = PromptLookupProposer(num_speculative_tokens) if speculative else None
+        # target_forwards counts request-steps that sampled, so tokens_per_forward is 1.0 without drafts
+        self.spec_stats = SpecStats()
 
     @property
     def capacity_tokens(self) -> int:
@@ -107,6 +128,10 @@ class LLMEngine:
             )
         if params.num_beams > 1:
             raise ValueError("beam search (num_beams > 1) is not supported by the engine; use generate/")
+        if params.json_schema is not None:
+            if self.grammars is None:
+                raise ValueError("json_schema (constrained decoding) needs an engine with a tokenizer")
+            self.grammars.check(params.json_schema)
 
     def add_request(
         self,
@@ -155,27 +180,62 @@ class LLMEngine:
                 self.abort(s.request_id)
             self._pending = outputs + self._pending
             raise
+        self._count_speculation(so, result)
         updated = self.scheduler.update(so, result.sampled_token_ids)
-        self.generation_tokens_total += len(updated)
-        return outputs + self._process(updated, result)
+        outputs += self._process(updated, result)
+        self._propose(updated)
+        return outputs
 
-    def _process(self, updated: list[Request], result: RunnerOutput) -> list[RequestOutput]:
+    def _process(self, updated: list[tuple[Request, list[int]]], result: RunnerOutput) -> list[RequestOutput]:
         now = time.monotonic()
         outputs = []
-        for request in updated:
-            rid, token = request.request_id, request.token_ids[-1]
+        for request, new in updated:
+            rid = request.request_id
             if request.first_token_time is None:
                 request.first_token_time = now
-            text, hit_stop = self._text[rid].push(token, request.status.finish_reason)
-            if hit_stop and request.status.finished:  # the last token also completed a stop string
-                request.status = RequestStatus.FINISHED_STOPPED
-            elif hit_stop:
-                self.scheduler.finish_requests(rid, RequestStatus.FINISHED_STOPPED)
-            lp = result.logprobs.get(rid)
-            outputs.append(self._output(request, [token], text, [lp] if lp is not None else None))
+            text, kept = self._push_text(request, new)
+            self.generation_tokens_total += len(kept)
+            self.spec_stats.tokens += len(kept)
+            lps = result.logprobs.get(rid)
+            outputs.append(self._output(request, kept, text, lps[: len(kept)] if lps is not None else None))
             if request.status.finished:
                 del self._text[rid]
         return outputs
+
+    def _push_text(self, request: Request, new: list[int]) -> tuple[str, list[int]]:
+        """Detokenize a step's new tokens; a stop string in the text ends the request at the token that
+        completed it, dropping the tokens after it (several arrive at once with speculation)."""
+        state, rid = self._text[request.request_id], request.request_id
+        text = ""
+        for j, token in enumerate(new):
+            last = j == len(new) - 1
+            piece, hit_stop = state.push(token, request.status.finish_reason if last else None)
+            text += piece
+            if not hit_stop:
+                continue
+            del request.token_ids[len(request.token_ids) - (len(new) - j - 1) :]
+            if request.status.finished:  # a later token (or this one) also ended it: the stop string wins
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_requests(rid, RequestStatus.FINISHED_STOPPED)
+            return text, new[: j + 1]
+        return text, new
+
+    def _count_speculation(self, so: SchedulerOutput, result: RunnerOutput) -> None:
+        for s in so.scheduled:
+            tokens = result.sampled_token_ids.get(s.request_id)
+            if s.sample and tokens is not None:
+                self.spec_stats.proposed += s.num_spec_tokens
+                self.spec_stats.accepted += len(tokens) - 1
+                self.spec_stats.target_forwards += 1
+
+    def _propose(self, updated: list[tuple[Request, list[int]]]) -> None:
+        """Drafts for the next step of every request that just got tokens and goes on."""
+        if self.proposer is None:
+            return
+        for request, _ in updated:
+            if request.status is RequestStatus.RUNNING:
+                request.spec_token_ids = self.proposer.propose_ids(request.token_ids, self.proposer.k)
 
     def _output(
         self, request: Request, new: list[int], text: str, logprobs: list[TokenLogprob] | None
@@ -203,6 +263,8 @@ class LLMEngine:
             prefix_cache_hit_rate=self.kv_manager.prefix_cache_hit_rate(),
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_draft_tokens_total=self.spec_stats.proposed,
+            spec_accepted_tokens_total=self.spec_stats.accepted,
         )
 
     def _detokenizer(self, prompt_ids: list[int]) -> Any:

@@ -184,6 +184,15 @@ class KVCacheManager:
         self._num_cached.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
+    def free_tail(self, request: Request) -> None:
+        """Give back the blocks past the request's tokens, which held only rejected draft tokens. None of
+        them is named: names cover full blocks of `token_ids`, and drafts are never part of those."""
+        held = self._blocks.get(request.request_id, [])
+        keep = cdiv(request.num_tokens, self.block_size)
+        if len(held) > keep:
+            self.pool.free(reversed(held[keep:]))
+            del held[keep:]
+
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
         self._num_cached.clear()

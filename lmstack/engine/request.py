@@ -3,12 +3,15 @@
 `Request` is the scheduler's record: token ids (prompt + output) and how many of them already have K/V in
 the cache (`num_computed_tokens`). Prefill, chunked prefill, prefix-cache hits and recompute after
 preemption are all that one counter catching up with `num_tokens`; a token is sampled only on the step
-that catches it up completely. No torch here: the scheduler is plain Python.
+that catches it up completely. Speculative verification is the same counter running ahead: a step also
+computes the request's draft tokens (`spec_token_ids`), and `update` takes back the rejected ones. No torch
+here: the scheduler is plain Python.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -48,6 +51,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, filled by the KV manager
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to follow token_ids, verified next step
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:
@@ -100,3 +104,12 @@ class EngineStats:
     prefix_cache_hit_rate: float  # prompt tokens found in the prefix cache / prompt tokens looked up
     prompt_tokens_total: int
     generation_tokens_total: int
+    spec_draft_tokens_total: int = 0  # draft tokens verified (speculative decoding)
+    spec_accepted_tokens_total: int = 0  # ... and accepted, counting any cut off by a stop or the length
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted / verified draft tokens; NaN while nothing was proposed (or speculation is off)."""
+        if not self.spec_draft_tokens_total:
+            return math.nan
+        return self.spec_accepted_tokens_total / self.spec_draft_tokens_total

@@ -8,14 +8,16 @@ Each step it decides how many tokens of which requests to compute, in one budget
    that arrived last -- frees its blocks and puts it back at the front of the waiting queue to be recomputed
    later (prefix caching turns most of that recompute into hits). A resumed request keeps its arrival rank,
    so the oldest request is never the victim while a younger one runs, and it always makes progress.
+   A request that catches up also verifies its draft tokens (speculative decoding), as many as fit the
+   budget and its remaining length; short of blocks, it drops its drafts rather than preempt anyone.
 2. WAITING requests, strictly first come first served (a request that does not fit blocks the ones behind
    it, so big requests are never starved), unless this step already had to preempt. Prefix-cache hits
    count as computed tokens, so only the rest of the prompt costs budget; a prompt bigger than the budget
    is prefilled in chunks over several steps.
 
-The output is a `SchedulerOutput` dataclass; the runner executes it, and `update` appends the sampled
-tokens and finishes requests on stop ids / length. Stop strings are text: the engine's output processor
-finds them and calls `finish_requests`.
+The output is a `SchedulerOutput` dataclass; the runner executes it, and `update` takes back the rejected
+drafts, appends the new tokens and finishes requests on stop ids / length, never appending past them. Stop
+strings are text: the engine's output processor finds them and calls `finish_requests`.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class NewRequest:
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     request_id: str
-    token_ids: list[int]  # the tokens whose K/V this step computes
+    token_ids: list[int]  # the tokens whose K/V this step computes, drafts last
     num_computed_tokens: int  # position of token_ids[0]
     block_ids: list[int]  # the request's block table, covering every position up to the last new token
     sample: bool  # this step catches the request up: its last token's logits give the next token
+    num_spec_tokens: int = 0  # the last ones of token_ids are drafts: their logits verify them (sample only)
 
 
 @dataclass
@@ -137,52 +140,85 @@ class Scheduler:
         out = SchedulerOutput([], finished_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.max_num_batched_tokens
-        chosen: list[tuple[Request, int]] = []
+        chosen: list[tuple[Request, int, list[int]]] = []  # (request, tokens to catch up, drafts)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, n, out.preempted_ids):
-                break  # it was the youngest running request: preempted itself
-            chosen.append((request, n))
-            budget -= n
+            drafts = self._drafts(request, n, budget)
+            if not (drafts and self.kv.allocate_slots(request, n + len(drafts))):
+                drafts = []  # short of blocks: verify no guesses rather than preempt anyone for them
+                if not self._allocate_or_preempt(request, n, out.preempted_ids):
+                    break  # it was the youngest running request: preempted itself
+            chosen.append((request, n, drafts))
+            budget -= n + len(drafts)
             i += 1
         if not out.preempted_ids:  # admitting while short of blocks would only thrash
             self._admit(budget, chosen, out)
-        for request, n in chosen:
+        for request, n, drafts in chosen:
             start = request.num_computed_tokens
-            request.num_computed_tokens += n
+            request.num_computed_tokens += n + len(drafts)  # update() takes the rejected drafts back
+            request.spec_token_ids = []
             out.scheduled.append(
                 ScheduledRequest(
                     request.request_id,
-                    request.token_ids[start : start + n],
+                    request.token_ids[start : start + n] + drafts,
                     start,
                     self.kv.block_ids(request.request_id),
-                    sample=request.num_computed_tokens == request.num_tokens,
+                    sample=start + n == request.num_tokens,
+                    num_spec_tokens=len(drafts),
                 )
             )
         return out
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
-        """Append each sampled token; finish requests on a stop id or at their length. Returns the
-        requests that got a token, in batch order (finished ones carry their final status)."""
+    def update(
+        self, output: SchedulerOutput, sampled: Mapping[str, list[int]]
+    ) -> list[tuple[Request, list[int]]]:
+        """Take each request's new tokens (its accepted drafts, then the target's own token): count only
+        the accepted drafts as computed, and append the tokens up to the first stop id or the length limit,
+        which finishes the request. Returns (request, tokens appended) for the requests that got tokens, in
+        batch order (finished ones carry their final status)."""
         updated = []
         for s in output.scheduled:
             request = self.requests.get(s.request_id)
             if not s.sample or request is None or request.status is not RequestStatus.RUNNING:
                 continue  # a chunk of a prefill, or finished (aborted) since it was scheduled
-            token = sampled[s.request_id]
-            request.token_ids.append(token)
-            if token in request.stop_token_ids:
-                self._finish_running(request, RequestStatus.FINISHED_STOPPED)
-            elif request.num_output_tokens >= request.max_new_tokens or (
-                self.max_model_len is not None and request.num_tokens >= self.max_model_len
-            ):
-                self._finish_running(request, RequestStatus.FINISHED_LENGTH)
-            updated.append(request)
+            tokens = sampled[s.request_id]
+            # the K/V written at rejected draft positions are stale: later steps write over them
+            request.num_computed_tokens -= s.num_spec_tokens - (len(tokens) - 1)
+            appended = []
+            for token in tokens:
+                request.token_ids.append(token)
+                appended.append(token)
+                status = self._finish_status(request, token)
+                if status is not None:
+                    self._finish_running(request, status)
+                    break
+            else:
+                self.kv.free_tail(request)  # blocks that only rejected drafts reached
+            updated.append((request, appended))
         return updated
 
     # --- internals -------------------------------------------------------------------------------------
+    def _drafts(self, request: Request, n: int, budget: int) -> list[int]:
+        """The drafts this step verifies: only on a step that catches the request up, within the budget,
+        and never past max_new_tokens / max_model_len (a verification of d drafts emits up to d + 1)."""
+        if not request.spec_token_ids or request.num_computed_tokens + n < request.num_tokens:
+            return []
+        room = request.max_new_tokens - request.num_output_tokens - 1
+        if self.max_model_len is not None:
+            room = min(room, self.max_model_len - request.num_tokens - 1)
+        return request.spec_token_ids[: max(0, min(room, budget - n))]
+
+    def _finish_status(self, request: Request, token: int) -> RequestStatus | None:
+        if token in request.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_new_tokens or (
+            self.max_model_len is not None and request.num_tokens >= self.max_model_len
+        ):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
     def _allocate_or_preempt(self, request: Request, n: int, preempted: list[str]) -> bool:
         """Allocate n more tokens for a running request, preempting the youngest running requests until
         it fits. False if the request itself had to go."""
@@ -199,7 +235,7 @@ class Scheduler:
                 return False
         return True
 
-    def _admit(self, budget: int, chosen: list[tuple[Request, int]], out: SchedulerOutput) -> None:
+    def _admit(self, budget: int, chosen: list[tuple[Request, int, list[int]]], out: SchedulerOutput) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             hits, num_hit = self.kv.get_computed_blocks(request)
@@ -214,7 +250,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
             bisect.insort(self.running, request, key=lambda r: self._rank[r.request_id])
-            chosen.append((request, n))
+            chosen.append((request, n, []))
             budget -= n
 
     def _finish_running(self, request: Request, status: RequestStatus) -> None:

@@ -83,6 +83,8 @@ def generate_tokens(
     """
     prompt = list(prompt_ids)
     check_fits(model, len(prompt), params.max_new_tokens)
+    if params.json_schema is not None:
+        raise ValueError("json_schema (constrained decoding) runs in the engine: use lmstack.engine or serve")
     device = device or next(model.parameters()).device
     terminators = frozenset(params.stop_token_ids) | (
         frozenset() if params.ignore_eos else frozenset(stop_ids)

@@ -9,6 +9,7 @@ top-p -> min-p -> draw.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class SamplingParams:
     num_beams: int = 1  # > 1: deterministic beam search; needs temperature=0
     length_penalty: float = 1.0  # beam score = sum logprob / len ** length_penalty
     logprobs: int | None = None  # None: none; n >= 0: the chosen token's logprob and the top n
+    json_schema: str | None = None  # JSON Schema text the output must match (generate/structured.py), or None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -65,6 +67,8 @@ class SamplingParams:
             ("num_beams", _int(s.num_beams, 1), "an int >= 1"),
             ("length_penalty", _num(s.length_penalty), "a finite number"),
             ("logprobs", s.logprobs is None or _int(s.logprobs, 0), "None or an int >= 0"),
+            ("json_schema", s.json_schema is None or _json_object(s.json_schema), "None or JSON object text"),
+            ("ignore_eos", not (s.ignore_eos and s.json_schema), "False with json_schema: EOS ends the JSON"),
         ]
         return [f"{name}={getattr(self, name)!r} must be {valid}" for name, ok, valid in checks if not ok]
 
@@ -80,6 +84,7 @@ class SamplingParams:
             ("frequency_penalty", s.frequency_penalty != 0, "penalties are not supported with beams"),
             ("stop", bool(s.stop), "stop strings are not supported with beams, use stop_token_ids"),
             ("logprobs", s.logprobs is not None, "logprobs are not supported with beams"),
+            ("json_schema", s.json_schema is not None, "constrained decoding is not supported with beams"),
         ]
         return [
             f"{name}={getattr(s, name)!r} with num_beams={s.num_beams}: {why}"
@@ -103,6 +108,13 @@ def _num(x: object, lo: float = -math.inf, hi: float = math.inf) -> bool:
 
 def _int(x: object, lo: float, hi: float = math.inf) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _json_object(x: object) -> bool:
+    try:
+        return isinstance(x, str) and isinstance(json.loads(x), dict)
+    except ValueError:
+        return False
 
 
 def _rows(x: Knob) -> Knob:

@@ -110,8 +110,12 @@ class PromptLookupProposer:
     def propose(
         self, tokens: Sequence[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Draft:
-        found = ngram_continuation(tokens, k, self.max_ngram, self.min_ngram)
+        found = self.propose_ids(tokens, k)
         return Draft(torch.tensor(found, dtype=torch.long)) if found else NO_DRAFT
+
+    def propose_ids(self, tokens: Sequence[int], k: int) -> list[int]:
+        """The same proposal as plain ids (the engine's scheduler speaks lists, not tensors)."""
+        return ngram_continuation(tokens, k, self.max_ngram, self.min_ngram)
 
     def rollback(self, num_tokens: int) -> None:
         pass
@@ -195,13 +199,31 @@ def penalized_rows(
 ) -> torch.Tensor:
     """Row i is penalized with counts + drafts[:i]: what target-only decoding would count at that position."""
     T, V = logits.shape
-    step = torch.zeros(T, V, dtype=counts.dtype, device=logits.device)  # (k+1, V)
-    step[1:].scatter_(1, drafts.view(-1, 1), 1)  # row i + 1 adds drafts[i]
-    rows = counts + step.cumsum(dim=0)  # (k+1, V)
+    rows = verification_counts(counts, drafts)  # (k+1, V)
     seen_rows = seen.expand(T, V) if seen is not None else None
     return apply_penalties(
         logits, rows, seen_rows, params.repetition_penalty, params.presence_penalty, params.frequency_penalty
     )
+
+
+def verification_counts(counts: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """(1, V) output counts, (k,) drafts -> (k+1, V): row i counts the output plus drafts[:i]."""
+    step = torch.zeros(drafts.shape[0] + 1, counts.shape[1], dtype=counts.dtype, device=counts.device)
+    step[1:].scatter_(1, drafts.view(-1, 1), 1)  # row i + 1 adds drafts[i]
+    return (counts + step.cumsum(dim=0)).to(counts.dtype)  # (k+1, V)
+
+
+def accepted_length(target: Sequence[int], drafts: Sequence[int]) -> int:
+    """How many drafts the target's own tokens (k+1 of them) confirm: the first mismatch ends acceptance.
+
+    This is `accept_greedy` on argmax tokens, and `accept_sampled` with a deterministic proposer (q one-hot)
+    on tokens drawn from p: keeping draft x when the draw equals x happens with probability p(x) =
+    min(1, p(x) / q(x)), and a draw that differs is distributed as max(p - q, 0), the replacement.
+    """
+    for i, (t, d) in enumerate(zip(target, drafts, strict=False)):
+        if t != d:
+            return i
+    return len(drafts)
 
 
 def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

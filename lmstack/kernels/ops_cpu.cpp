@@ -13,6 +13,8 @@
 //   cached_attention  RoPE on q and k, write k/v into the cache at input_pos,
 //                     causal (optionally sliding-window, soft-capped) attention
 //                     of each query over the cached keys, GQA
+//   paged_attention   the same attention for the engine's flattened batch,
+//                     reading keys in place through per-request block tables
 //
 // Letters: B batch, T new tokens, nh query heads, nkv key/value heads, hs head
 // size, rd rotary dims, S visible keys, Smax cache length.
@@ -248,12 +250,88 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+// Attention of a flattened engine batch over a paged KV cache, read in place through block tables (no
+// gather). q (N, nh, hs) contiguous, already rotated; k_cache, v_cache (num_blocks, bs, nkv, hs) contiguous,
+// this step's keys already written; block_table (R, max_nb) int64; query_start (R+1,) int64: request r owns
+// q rows [query_start[r], query_start[r+1]), the last tokens of its seq_lens[r] (R,) int64 tokens.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& query_start, const at::Tensor& seq_lens,
+                           double scale, double softcap, int64_t window) {
+  check_float_cpu(q, "q");
+  check_float_cpu(k_cache, "k_cache");
+  check_float_cpu(v_cache, "v_cache");
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q must be contiguous (N, nh, hs)");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.is_contiguous(),
+              "caches must be contiguous (num_blocks, block_size, nkv, hs) and alike");
+  const int64_t N = q.size(0), nh = q.size(1), hs = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), bs = k_cache.size(1), nkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == hs && nh % nkv == 0, "q and cache head sizes / counts disagree");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kLong && block_table.is_contiguous(),
+              "block_table must be contiguous int64 (R, max_blocks)");
+  const int64_t R = block_table.size(0), max_nb = block_table.size(1);
+  TORCH_CHECK(query_start.dim() == 1 && query_start.size(0) == R + 1 && query_start.scalar_type() == at::kLong &&
+                  seq_lens.dim() == 1 && seq_lens.size(0) == R && seq_lens.scalar_type() == at::kLong,
+              "query_start must be int64 (R+1,) and seq_lens int64 (R,)");
+  const auto qs_t = query_start.contiguous(), sl_t = seq_lens.contiguous();
+  const int64_t* qs = qs_t.data_ptr<int64_t>();
+  const int64_t* sl = sl_t.data_ptr<int64_t>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  TORCH_CHECK(qs[0] == 0 && qs[R] == N, "query_start must run from 0 to N");
+  int64_t max_len = 0;
+  std::vector<int64_t> owner(N);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t nq = qs[r + 1] - qs[r];
+    TORCH_CHECK(nq >= 0 && sl[r] >= nq && (sl[r] + bs - 1) / bs <= max_nb, "request ", r,
+                ": bad query count, length or block table width");
+    for (int64_t i = 0; i < (sl[r] + bs - 1) / bs; ++i)
+      TORCH_CHECK(table[r * max_nb + i] >= 0 && table[r * max_nb + i] < num_blocks, "block id out of range");
+    for (int64_t i = qs[r]; i < qs[r + 1]; ++i) owner[i] = r;
+    max_len = std::max(max_len, sl[r]);
+  }
+  at::Tensor y = at::empty({N, nh, hs}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
+  const int64_t group = nh / nkv;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, max_len * hs));
+  at::parallel_for(0, N * nh, grain, [&](int64_t w0, int64_t w1) {
+    std::vector<float> logits(max_len);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t n = w / nh, h = w % nh, r = owner[n];
+      const int64_t pos = sl[r] - (qs[r + 1] - n);  // this query's position
+      const int64_t s0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t* blocks = table + r * max_nb;
+      const int64_t g = h / group;
+      const float* qh = qp + (n * nh + h) * hs;
+      auto slot = [&](int64_t s) { return ((blocks[s / bs] * bs + s % bs) * nkv + g) * hs; };
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t s = s0; s <= pos; ++s) {
+        float l = dot(qh, kc + slot(s), hs) * sc;
+        if (cap > 0) l = cap * std::tanh(l / cap);
+        logits[s] = l;
+        mx = std::max(mx, l);
+      }
+      float sum = 0.f;
+      for (int64_t s = s0; s <= pos; ++s) sum += (logits[s] = std::exp(logits[s] - mx));
+      float* out = yp + (n * nh + h) * hs;
+      std::fill(out, out + hs, 0.f);
+      const float inv = 1.f / sum;
+      for (int64_t s = s0; s <= pos; ++s) axpy(logits[s] * inv, vc + slot(s), out, hs);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release = [] { return py::call_guard<py::gil_scoped_release>(); };
   m.def("rms_norm", &rms_norm, "RMS normalization of float32 rows", release());
   m.def("gated_act", &gated_act, "act(a) * b for SwiGLU / GeGLU", release());
+  m.def("paged_attention", &paged_attention, "attention of a flattened batch over a paged KV cache", release());
   m.def("cached_attention", &cached_attention, "RoPE + KV-cache write + causal attention for a few queries",
         release());
 }

@@ -1,13 +1,12 @@
 """Prometheus metrics for /metrics, in a registry of the app's own (several apps can live in one process).
 
-Latencies are observed per finished engine request; engine state (running, waiting, KV usage, token and
-preemption totals) is read from `AsyncEngine.stats()` at scrape time, so nothing on the engine's hot path
-ever touches Prometheus.
+Latencies are observed per finished engine request; engine state (running, waiting, KV usage, token,
+preemption and speculative-decoding totals) is read from `AsyncEngine.stats()` at scrape time, so nothing
+on the engine's hot path ever touches Prometheus.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 
@@ -80,8 +79,10 @@ class _EngineCollector(Collector):
                 "Prompt tokens found in the prefix cache.",
                 lambda s: s.prefix_cache_hit_rate,
             ),
-            # a placeholder until speculative decoding runs inside the engine: NaN = not measured
-            "spec_decode_draft_acceptance_rate": ("Accepted / proposed draft tokens.", lambda s: math.nan),
+            "spec_decode_draft_acceptance_rate": (
+                "Accepted / verified draft tokens since start (NaN: none proposed, or speculation is off).",
+                lambda s: s.spec_acceptance_rate,
+            ),
         }
         counters: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
             "num_preemptions": (
@@ -90,6 +91,14 @@ class _EngineCollector(Collector):
             ),
             "prompt_tokens": ("Prompt tokens admitted.", lambda s: s.prompt_tokens_total),
             "generation_tokens": ("Tokens generated.", lambda s: s.generation_tokens_total),
+            "spec_decode_num_draft_tokens": (
+                "Draft tokens verified by speculative decoding.",
+                lambda s: s.spec_draft_tokens_total,
+            ),
+            "spec_decode_num_accepted_tokens": (
+                "Draft tokens accepted by speculative decoding.",
+                lambda s: s.spec_accepted_tokens_total,
+            ),
         }
         stats = {name: get() for name, get in self._engines.items()}
         for name, (doc, read) in gauges.items():

@@ -7,11 +7,13 @@ Past this module everything is plain Python: `SamplingParams`, lists of token id
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmstack.generate.sampling import SamplingParams
+from lmstack.generate.structured import JSON_OBJECT, compile_json_schema
 
 
 class APIError(Exception):
@@ -57,8 +59,39 @@ class StreamOptions(_Request):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None  # the schema is always enforced
+
+
 class ResponseFormat(_Request):
-    type: str
+    type: str  # any string, so an unknown type gets our message naming the supported ones
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON Schema (as text) the output must match, or None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return JSON_OBJECT
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                param = "response_format.json_schema" + (".schema" if self.json_schema else "")
+                raise APIError(
+                    400,
+                    f"Missing required parameter: '{param}'.",
+                    param=param,
+                    code="missing_required_parameter",
+                )
+            return json.dumps(self.json_schema.schema_)
+        raise APIError(
+            400,
+            f"Invalid value: {self.type!r}. Supported values are: 'text', 'json_object', and 'json_schema'.",
+            param="response_format.type",
+            code="invalid_value",
+        )
 
 
 class ContentPart(_Request):
@@ -110,6 +143,7 @@ class _Sampling(_Request):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's on chat; accepted on completions too, as vLLM
 
     def check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -119,6 +153,23 @@ class _Sampling(_Request):
             )  # fmt: skip
         if self.logit_bias:
             raise not_supported("logit_bias", "logit_bias")
+        schema = self.json_schema
+        if schema is None:
+            return
+        if self.ignore_eos:
+            message = (
+                "'ignore_eos' cannot go with a JSON response_format: the output ends where the JSON does."
+            )
+            raise APIError(400, message, param="ignore_eos")
+        try:
+            compile_json_schema(schema)
+        except ValueError as error:
+            param = "response_format.json_schema.schema"
+            raise APIError(400, str(error), param=param, code="invalid_value") from None
+
+    @property
+    def json_schema(self) -> str | None:
+        return None if self.response_format is None else self.response_format.schema_text()
 
     @property
     def include_usage(self) -> bool:
@@ -144,6 +195,7 @@ class _Sampling(_Request):
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 ignore_eos=bool(self.ignore_eos),
                 logprobs=logprobs,
+                json_schema=self.json_schema,
             )
         except ValueError as error:  # e.g. an empty stop string
             raise APIError(400, str(error)) from error
@@ -155,7 +207,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -167,11 +218,6 @@ class ChatCompletionRequest(_Sampling):
                 "Invalid value for 'top_logprobs': logprobs must be set to true if top_logprobs is used.",
                 param="top_logprobs",
             )  # fmt: skip
-        if self.response_format is not None and self.response_format.type != "text":
-            raise not_supported(
-                "response_format",
-                f"response_format {self.response_format.type!r} (constrained JSON decoding)",
-            )
         if self.tools:
             raise not_supported("tools", "Tool calling")
 
