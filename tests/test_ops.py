@@ -208,3 +208,22 @@ def test_paged_attention_matches_gather_and_sdpa(ops, softcap, window):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     with pytest.raises(RuntimeError, match="block table width"):
         ops.paged_attention(q, k_cache, v_cache, table[:, :1].contiguous(), starts, lens, 0.25, 0.0, 0)
+
+
+def test_long_context_attention_shares_work_and_matches(ops):
+    """Enough keys that the op splits its heads over helper threads; same numbers as the reference."""
+    torch.manual_seed(0)
+    B, nh, nkv, hs, S = 1, 8, 2, 64, 2100
+    ref_cache, fast_cache = (
+        KVCache(B, nkv, S, hs, torch.float32, "cpu"),
+        KVCache(B, nkv, S, hs, torch.float32, "cpu"),
+    )
+    for cache in (ref_cache, fast_cache):
+        cache.k[:, :, :2048].copy_(torch.randn(B, nkv, 2048, hs, generator=torch.Generator().manual_seed(1)))
+        cache.v[:, :, :2048].copy_(torch.randn(B, nkv, 2048, hs, generator=torch.Generator().manual_seed(2)))
+    q, k, v = torch.randn(B, 2, nh * hs), torch.randn(B, 2, nkv * hs), torch.randn(B, 2, nkv * hs)
+    input_pos = torch.tensor([2048, 2049])
+    rope = rope_cos_sin(input_pos, hs, 10000.0)
+    ref = reference_attention(q, k, v, ref_cache, input_pos, rope, hs**-0.5, None, None)
+    out = ops.cached_attention(q, k, v, fast_cache.k, fast_cache.v, input_pos, *rope, hs**-0.5, 0.0, 0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -32,7 +32,22 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
+
 namespace {
+
+// Runs body(i) for i in [0, n): on the calling thread when the work is small (a decode step over a
+// short context, where waking a helper costs more than it saves), else shared with helper threads
+// as the quantized matmuls are (lmstack::share_chunks: no spinning OpenMP barrier competing with them).
+template <class Body>
+void for_items(int64_t n, int64_t macs_per_item, const Body& body) {
+  constexpr int64_t kSerialMacs = 1 << 20;
+  if (n * macs_per_item < kSerialMacs) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  lmstack::share_chunks(n, body);
+}
 
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
@@ -114,8 +129,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   at::Tensor y = out_like(x, C);
   float* yp = y.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
-  at::parallel_for(0, xr.n, std::max<int64_t>(1, 16384 / C), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  for_items(xr.n, 2 * C, [&](int64_t r) {
+    {
       const float* xi = xr.p + r * xr.stride;
       float* yi = yp + r * C;
       const float inv = 1.f / std::sqrt(dot(xi, xi, C) / C + static_cast<float>(eps));
@@ -136,8 +151,8 @@ at::Tensor gated_act(const at::Tensor& a, const at::Tensor& b, int64_t act) {
   const Rows ar = rows_of(a, H, "a"), br = rows_of(b, H, "b");
   at::Tensor y = out_like(a, H);
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, ar.n, std::max<int64_t>(1, 32768 / H), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  for_items(ar.n, 16 * H, [&](int64_t r) {  // ~16 flops per element for exp / tanh / erf
+    {
       const float* ai = ar.p + r * ar.stride;
       const float* bi = br.p + r * br.stride;
       float* yi = yp + r * H;
@@ -217,11 +232,11 @@ at::Tensor cached_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor y = at::empty({B, T, nh * hs}, q.options());
   float* yp = y.data_ptr<float>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  const int64_t work = B * nh * T;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, kv_len * hs));
-  at::parallel_for(0, work, grain, [&](int64_t w0, int64_t w1) {
-    std::vector<float> qrot(hs), logits(kv_len);
-    for (int64_t w = w0; w < w1; ++w) {
+  for_items(B * nh * T, 2 * kv_len * hs, [&](int64_t w) {
+    thread_local std::vector<float> qrot, logits;
+    qrot.resize(hs);
+    logits.resize(kv_len);
+    {
       const int64_t t = w % T, h = (w / T) % nh, b = w / (T * nh);
       const float* qs = qr.p + (b * T + t) * qr.stride + h * hs;
       if (rd)
@@ -296,10 +311,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   float* yp = y.data_ptr<float>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
   const int64_t group = nh / nkv;
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, max_len * hs));
-  at::parallel_for(0, N * nh, grain, [&](int64_t w0, int64_t w1) {
-    std::vector<float> logits(max_len);
-    for (int64_t w = w0; w < w1; ++w) {
+  for_items(N * nh, 2 * max_len * hs, [&](int64_t w) {
+    thread_local std::vector<float> logits;
+    logits.resize(max_len);
+    {
       const int64_t n = w / nh, h = w % nh, r = owner[n];
       const int64_t pos = sl[r] - (qs[r + 1] - n);  // this query's position
       const int64_t s0 = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
