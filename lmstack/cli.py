@@ -133,6 +133,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lmstack: warning: serving on {args.host} with no API key (--api-key)", file=sys.stderr)
+    if (args.speculative == "draft_model") != (args.draft_model is not None):
+        raise ValueError("--speculative draft_model and --draft-model go together")
     models = {}
     for spec in args.model or [DEFAULT_MODEL]:  # NAME, PATH, or ALIAS=NAME_OR_PATH
         alias, sep, source = spec.partition("=")
@@ -141,10 +143,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if name in models:
             raise ValueError(f"two models are served as {name!r}; name one ALIAS=NAME_OR_PATH")
         llm = _load(source, args.device, args.dtype, args.threads, args.data_dir)
+        # a draft model per served model: each engine has its own thread, and drafting swaps caches in
+        draft = (
+            _load(args.draft_model, args.device, args.dtype, args.threads, args.data_dir)
+            if args.draft_model
+            else None
+        )
         models[name] = ModelEntry.from_llm(
             name, llm, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
             kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20), speculative=args.speculative,
-            num_speculative_tokens=args.num_speculative_tokens,
+            num_speculative_tokens=args.num_speculative_tokens, draft_model=draft.model if draft else None,
         )  # fmt: skip
     settings = ServerSettings(
         api_keys=frozenset(keys), max_body_bytes=int(args.max_body_mb * 2**20),
@@ -217,8 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together per model")
     p.add_argument("--kv-cache-mb", type=float, default=512, help="KV-cache memory per model")
     p.add_argument(
-        "--speculative", default=None, choices=["prompt_lookup"],
-        help="speculative decoding: prompt_lookup drafts from the request's own text (no draft model)",
+        "--speculative", default=None, choices=["prompt_lookup", "draft_model"],
+        help="speculative decoding: prompt_lookup drafts from the request's own text (no draft model); "
+        "draft_model drafts with --draft-model",
+    )  # fmt: skip
+    p.add_argument(
+        "--draft-model", default=None,
+        help="with --speculative draft_model: a small model with the same tokenizer (loaded like -m)",
     )  # fmt: skip
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per request per step")
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request; 0 = none")

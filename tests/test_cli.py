@@ -102,6 +102,13 @@ def test_serve_takes_the_engines_speculative_options():
     )
     assert (args.speculative, args.num_speculative_tokens) == ("prompt_lookup", 3)
     assert build_parser().parse_args(["serve"]).speculative is None
+    args = build_parser().parse_args(["serve", "--speculative", "draft_model", "--draft-model", "smollm2"])
+    assert (args.speculative, args.draft_model) == ("draft_model", "smollm2")
+
+
+def test_serve_refuses_a_draft_model_without_its_flag(tmp_path):
+    r = run_cli("serve", "--speculative", "draft_model", env_home=tmp_path)
+    assert r.returncode != 0 and "--draft-model go together" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from lmstack.config import NAMED_CONFIGS
 from lmstack.engine import LLMEngine
 from lmstack.engine.runner import RunnerOutput
 from lmstack.generate import SamplingParams, generate_text
+from lmstack.models.transformer import Transformer
 
 __all__ = ["one_thread", "tok"]  # test_engine's fixtures, used here: one torch thread, a word-level tokenizer
 
@@ -180,3 +181,43 @@ def test_speculative_options_are_checked(tok):
         LLMEngine(model, tok, num_blocks=8, speculative="medusa")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         LLMEngine(model, tok, num_blocks=8, speculative="prompt_lookup", num_speculative_tokens=0)
+
+
+# --- draft model -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("draft_kind", ["same", "other"])
+def test_draft_model_greedy_and_seeded_equal_the_simple_path(tok, draft_kind):
+    """A draft model with the target's vocabulary drafts for every running request from its own per-request
+    KV cache. The target itself as draft is always right (full acceptance); a different model is mostly
+    wrong. Either way each request gets the simple path's tokens, under preemption, and finished requests
+    leave no draft cache behind."""
+    target = tiny("llama-tiny")
+    draft = target if draft_kind == "same" else tiny("llama-local")
+    ps = prompts(5, 14, 30, 9, seed=7)
+    sampled = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=20, seed=5)
+    reqs = [(f"g{i}", p, SamplingParams(max_new_tokens=12 + 3 * i, **GREEDY)) for i, p in enumerate(ps[:3])]
+    reqs.append(("seeded", ps[3], sampled))
+    engine = LLMEngine(
+        target, tok, block_size=4, num_blocks=26, max_num_batched_tokens=16,
+        speculative="draft_model", num_speculative_tokens=3, draft_model=draft,
+    )  # fmt: skip
+    got = run(engine, {0: reqs[:2], 3: reqs[2:]})
+    for rid, prompt, params in reqs:
+        assert_matches_simple_path(target, tok, got[rid], prompt, params)
+    stats = engine.stats()
+    assert stats.spec_draft_tokens_total > 0 and stats.kv_usage == 0
+    if draft_kind == "same":  # greedy drafts of the target: every greedy request accepts them all
+        assert stats.spec_acceptance_rate > 0.7 and engine.spec_stats.tokens_per_forward > 2
+    else:
+        assert stats.spec_acceptance_rate < 0.7
+    assert not engine.proposer._caches and not engine.proposer._fed  # type: ignore[union-attr]
+
+
+def test_draft_model_options_are_checked(tok):
+    target = tiny("llama-tiny")
+    with pytest.raises(ValueError, match="go together"):
+        LLMEngine(target, tok, num_blocks=8, speculative="draft_model")
+    other_vocab = Transformer(
+        NAMED_CONFIGS["llama-tiny"].with_(vocab_size=NAMED_CONFIGS["llama-tiny"].vocab_size + 1)
+    )
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLMEngine(target, tok, num_blocks=8, speculative="draft_model", draft_model=other_vocab)

@@ -28,12 +28,12 @@ from lmstack.engine.runner import ModelRunner, RunnerOutput, model_device
 from lmstack.engine.scheduler import Scheduler, SchedulerOutput
 from lmstack.generate.generate import StopStringMatcher, check_fits
 from lmstack.generate.sampling import SamplingParams
-from lmstack.generate.speculative import PromptLookupProposer, SpecStats
+from lmstack.generate.speculative import DraftModelPool, PromptLookupProposer, SpecStats
 from lmstack.generate.structured import GrammarCompiler
 from lmstack.models.transformer import Transformer
 
 DEFAULT_KV_CACHE_MEMORY_BYTES = 512 * 2**20
-Speculative = Literal["prompt_lookup"]
+Speculative = Literal["prompt_lookup", "draft_model"]
 
 
 @dataclass
@@ -71,14 +71,18 @@ class LLMEngine:
         kv_cache_dtype: torch.dtype | None = None,
         speculative: Speculative | None = None,
         num_speculative_tokens: int = 4,
+        draft_model: Transformer | None = None,
     ) -> None:
         """`num_blocks` of `block_size` token slots each; by default as many as fit in
         `kv_cache_memory_bytes` (K and V of every layer). Without a tokenizer: no text, no stop strings.
-        `speculative`: None, or "prompt_lookup" with up to `num_speculative_tokens` drafts per request."""
-        if speculative not in (None, "prompt_lookup"):
-            raise ValueError(f"speculative must be None or 'prompt_lookup'; got {speculative!r}")
+        `speculative`: None, "prompt_lookup", or "draft_model" (with `draft_model`, a small model with the
+        same vocabulary), each with up to `num_speculative_tokens` drafts per request."""
+        if speculative not in (None, "prompt_lookup", "draft_model"):
+            raise ValueError(f"speculative must be None, prompt_lookup or draft_model; got {speculative!r}")
         if speculative and num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1; got {num_speculative_tokens}")
+        if (speculative == "draft_model") != (draft_model is not None):
+            raise ValueError("speculative='draft_model' and a draft_model go together; pass both or neither")
         c = model.config
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
@@ -104,7 +108,11 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
-        self.proposer = PromptLookupProposer(num_speculative_tokens) if speculative else None
+        self.proposer: PromptLookupProposer | DraftModelPool | None = None
+        if speculative == "prompt_lookup":
+            self.proposer = PromptLookupProposer(num_speculative_tokens)
+        elif draft_model is not None:
+            self.proposer = DraftModelPool(draft_model, num_speculative_tokens, c.vocab_size)
         # target_forwards counts request-steps that sampled, so tokens_per_forward is 1.0 without drafts
         self.spec_stats = SpecStats()
 
@@ -160,6 +168,7 @@ class LLMEngine:
         """Finish now and free the blocks; the next `step()` returns its final output (reason "abort")."""
         for request in self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_ABORTED):
             self._text.pop(request.request_id, None)
+            self._forget_drafts(request.request_id)
             self._pending.append(self._output(request, [], "", None))
 
     def has_unfinished(self) -> bool:
@@ -200,7 +209,12 @@ class LLMEngine:
             outputs.append(self._output(request, kept, text, lps[: len(kept)] if lps is not None else None))
             if request.status.finished:
                 del self._text[rid]
+                self._forget_drafts(rid)
         return outputs
+
+    def _forget_drafts(self, request_id: str) -> None:
+        if isinstance(self.proposer, DraftModelPool):
+            self.proposer.drop(request_id)  # its draft KV cache
 
     def _push_text(self, request: Request, new: list[int]) -> tuple[str, list[int]]:
         """Detokenize a step's new tokens; a stop string in the text ends the request at the token that
@@ -234,7 +248,14 @@ class LLMEngine:
         if self.proposer is None:
             return
         for request, _ in updated:
-            if request.status is RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            if isinstance(self.proposer, DraftModelPool):
+                max_len = request.num_tokens - request.num_output_tokens + request.max_new_tokens
+                request.spec_token_ids = self.proposer.propose_ids(
+                    request.request_id, request.token_ids, self.proposer.k, max_len
+                )
+            else:
                 request.spec_token_ids = self.proposer.propose_ids(request.token_ids, self.proposer.k)
 
     def _output(

@@ -39,6 +39,7 @@ from lmstack.generate.sampling import (
     prompt_mask,
     warp,
 )
+from lmstack.models.attention import KVCache
 from lmstack.models.transformer import Transformer
 
 
@@ -177,6 +178,82 @@ class DraftModelProposer:
     def stop(self) -> None:
         self.model.clear_caches()
         self.computed = 0
+
+
+class DraftModelPool:
+    """Draft-model proposals for many sequences at once (the engine's running requests).
+
+    Each sequence keeps its own contiguous KV cache of the draft model, installed into the shared model for
+    its turn, plus the tokens whose keys and values that cache holds (`fed`). A proposal feeds the tokens
+    after the longest common prefix of `fed` and the sequence (the accepted ones), then drafts k tokens one
+    forward each. Drafts are the draft model's argmax: a deterministic proposer (one-hot q), so accepting
+    while the target's token equals the draft is exact for greedy requests and distribution-preserving
+    for sampled ones. Sequences are drafted one after another: the draft model runs at batch 1.
+    """
+
+    def __init__(self, draft_model: Transformer, k: int, vocab_size: int) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        if draft_model.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"the draft model {draft_model.config.name} has {draft_model.config.vocab_size} tokens in "
+                f"its vocabulary but the target has {vocab_size}: drafts need the target's tokenizer"
+            )
+        self.model, self.k = draft_model, k
+        self.device = next(draft_model.parameters()).device
+        self._caches: dict[str, list[KVCache]] = {}
+        self._fed: dict[str, list[int]] = {}
+
+    @torch.inference_mode()
+    def propose_ids(self, seq_id: str, tokens: Sequence[int], k: int, max_len: int) -> list[int]:
+        """Up to k tokens to follow `tokens` (prompt + output) of a sequence that may grow to max_len."""
+        L = len(tokens)
+        cap = min(max_len, self.model.config.max_seq_len)
+        k = min(k, cap - L)
+        if k < 1:
+            return []
+        caches = self._install(seq_id, cap)
+        try:
+            fed = self._fed[seq_id]
+            start = min(_common_prefix(fed, tokens), L - 1)
+            new = torch.tensor([list(tokens[start:])], dtype=torch.long, device=self.device)  # (1, L - start)
+            logits = self.model(new, torch.arange(start, L, device=self.device))[0, -1]  # (V,)
+            drafted: list[int] = []
+            for j in range(k):
+                drafted.append(int(logits.argmax()))
+                if j + 1 < k:  # the last draft is never fed: the target computes its keys and values
+                    token = torch.tensor([[drafted[-1]]], device=self.device)
+                    logits = self.model(token, torch.tensor([L + j], device=self.device))[0, -1]
+            self._fed[seq_id] = list(tokens) + drafted[:-1]
+            return drafted
+        finally:
+            self.model.clear_caches()  # the caches stay with the sequence, not the model
+            del caches
+
+    def drop(self, seq_id: str) -> None:
+        """Forget a finished (or aborted) sequence and free its cache."""
+        self._caches.pop(seq_id, None)
+        self._fed.pop(seq_id, None)
+
+    def _install(self, seq_id: str, cap: int) -> list[KVCache]:
+        caches = self._caches.get(seq_id)
+        if caches is None or caches[0].max_seq_len < cap:  # new sequence (or more room needed): start over
+            self.model.setup_caches(1, cap)
+            self._caches[seq_id] = caches = [a.kv_cache for a in self.model.attentions()]  # type: ignore[misc]
+            self._fed[seq_id] = []
+            return caches
+        for attn, cache in zip(self.model.attentions(), caches, strict=True):
+            attn.kv_cache = cache
+        self.model.cache_len = caches[0].max_seq_len
+        return caches
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def draft_step(
