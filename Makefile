@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lmstack-installed
 MODEL  ?= qwen2.5-coder-0.5b-instruct
+DTYPE  ?= int8# 4.5x float32's decode speed at +0.04% perplexity (docs/benchmarks.md)
 LLAMA_CPP_WHEEL := ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 
 .PHONY: run chat test test-fast lint bench setup clean
@@ -22,10 +23,10 @@ setup: $(STAMP)
 
 # The main job: the OpenAI-compatible server on 127.0.0.1:8000 with the default model.
 run: $(STAMP)
-	$(VENV)/bin/lmstack serve -m $(MODEL) --host 127.0.0.1 --port 8000
+	$(VENV)/bin/lmstack serve -m $(MODEL) --dtype $(DTYPE) --host 127.0.0.1 --port 8000
 
 chat: $(STAMP)
-	$(VENV)/bin/lmstack chat -m $(MODEL)
+	$(VENV)/bin/lmstack chat -m $(MODEL) --dtype $(DTYPE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lmstack tests bench

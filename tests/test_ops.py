@@ -227,3 +227,17 @@ def test_long_context_attention_shares_work_and_matches(ops):
     ref = reference_attention(q, k, v, ref_cache, input_pos, rope, hs**-0.5, None, None)
     out = ops.cached_attention(q, k, v, fast_cache.k, fast_cache.v, input_pos, *rope, hs**-0.5, 0.0, 0)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_small_batches_match_nn_linear(rows, bias):
+    from lmstack.models.layers import Linear
+
+    torch.manual_seed(0)
+    ours = Linear(48, 40, bias=bias)
+    ref = torch.nn.Linear(48, 40, bias=bias)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(1, rows, 48)
+    torch.testing.assert_close(ours(x), ref(x))
+    assert ours(x).is_contiguous() and ours(x).shape == (1, rows, 40)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
-from lmstack.models.layers import FUSED_MAX_ROWS, RMSNorm, apply_rope, concat_linears, fused_ops
+from lmstack.models.layers import FUSED_MAX_ROWS, Linear, RMSNorm, apply_rope, concat_linears, fused_ops
 
 MaskFn = Callable[[int | None], torch.Tensor]  # attention window -> boolean mask (T, S)
 
@@ -61,10 +61,10 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hs = config.n_heads, config.kv_heads, config.hd
         C = config.dim
-        self.wq = nn.Linear(C, self.nh * self.hs, bias=config.qkv_bias)
-        self.wk = nn.Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
-        self.wv = nn.Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
-        self.wo = nn.Linear(self.nh * self.hs, C, bias=config.out_bias)
+        self.wq = Linear(C, self.nh * self.hs, bias=config.qkv_bias)
+        self.wk = Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
+        self.wv = Linear(C, self.nkv * self.hs, bias=config.qkv_bias)
+        self.wo = Linear(self.nh * self.hs, C, bias=config.out_bias)
         self.q_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset) if config.qk_norm else None
         self.k_norm = RMSNorm(self.hs, config.norm_eps, config.norm_unit_offset) if config.qk_norm else None
         self.scale = config.attn_scale if config.attn_scale is not None else self.hs**-0.5

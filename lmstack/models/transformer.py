@@ -14,7 +14,7 @@ from torch import nn
 
 from lmstack.config import ModelConfig
 from lmstack.models.attention import Attention, KVCache, attention_mask
-from lmstack.models.layers import MLP, make_norm, rope_cos_sin, sinusoidal_embedding
+from lmstack.models.layers import MLP, Linear, make_norm, rope_cos_sin, sinusoidal_embedding
 
 
 class Block(nn.Module):
@@ -48,7 +48,7 @@ class Transformer(nn.Module):
         )
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary_dim = config.rotary_dim or config.hd
