@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               ("--max-num-seqs", args.max_num_seqs >= 1), ("--kv-cache-mb", args.kv_cache_mb > 0),
               ("--max-body-mb", args.max_body_mb > 0), ("--request-timeout", args.request_timeout >= 0),
               ("--drain-timeout", args.drain_timeout >= 0),
-              ("--num-speculative-tokens", args.num_speculative_tokens >= 1)]  # fmt: skip
+              ("--num-speculative-tokens", args.num_speculative_tokens >= 1),
+              ("--speculative-max-running", args.speculative_max_running >= 1)]  # fmt: skip
     for flag, ok in checks:
         if not ok:
             raise ValueError(f"{flag} is out of range: {getattr(args, flag[2:].replace('-', '_'))}")
@@ -153,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             name, llm, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
             kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20), speculative=args.speculative,
             num_speculative_tokens=args.num_speculative_tokens, draft_model=draft.model if draft else None,
+            speculative_max_running=args.speculative_max_running,
         )  # fmt: skip
     settings = ServerSettings(
         api_keys=frozenset(keys), max_body_bytes=int(args.max_body_mb * 2**20),
@@ -234,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --speculative draft_model: a small model with the same tokenizer (loaded like -m)",
     )  # fmt: skip
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per request per step")
+    p.add_argument(
+        "--speculative-max-running", type=int, default=2,
+        help="no drafting while more requests than this run (on a CPU a batch already fills the matmuls)",
+    )  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=600, help="seconds per request; 0 = none")
     p.add_argument("--rate-limit-rpm", type=int, default=None, help="requests per minute per key")
     p.add_argument("--rate-limit-tpm", type=int, default=None, help="tokens per minute per key")

@@ -221,3 +221,25 @@ def test_draft_model_options_are_checked(tok):
     )
     with pytest.raises(ValueError, match="tokenizer"):
         LLMEngine(target, tok, num_blocks=8, speculative="draft_model", draft_model=other_vocab)
+
+
+def test_no_drafting_while_more_requests_run_than_the_cap(quoter, tok):
+    """speculative_max_running=1: with two requests running nobody drafts; once one finishes, the other
+    drafts again. The tokens are the simple path's either way."""
+    q = [quoting_prompt(quoter, tok, n, seed=21 + i) for i, n in enumerate([12, 13])]
+    reqs = [
+        ("short", q[0], SamplingParams(max_new_tokens=3, **GREEDY)),
+        ("long", q[1], SamplingParams(max_new_tokens=24, **GREEDY)),
+    ]
+    engine = LLMEngine(
+        quoter, tok, block_size=4, num_blocks=40, max_num_batched_tokens=64,
+        speculative="prompt_lookup", num_speculative_tokens=4, speculative_max_running=1,
+    )  # fmt: skip
+    returned = spy(engine)
+    got = run(engine, {0: reqs})
+    for rid, prompt, params in reqs:
+        assert_matches_simple_path(quoter, tok, got[rid], prompt, params)
+    assert all(len(t) == 1 for t in returned["short"])  # always in company: never drafted
+    assert max(len(t) for t in returned["long"]) > 1  # alone after "short" finished: drafts again
+    with pytest.raises(ValueError, match="speculative_max_running"):
+        LLMEngine(quoter, tok, num_blocks=8, speculative="prompt_lookup", speculative_max_running=0)

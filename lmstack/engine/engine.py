@@ -72,15 +72,21 @@ class LLMEngine:
         speculative: Speculative | None = None,
         num_speculative_tokens: int = 4,
         draft_model: Transformer | None = None,
+        speculative_max_running: int | None = None,
     ) -> None:
         """`num_blocks` of `block_size` token slots each; by default as many as fit in
         `kv_cache_memory_bytes` (K and V of every layer). Without a tokenizer: no text, no stop strings.
         `speculative`: None, "prompt_lookup", or "draft_model" (with `draft_model`, a small model with the
-        same vocabulary), each with up to `num_speculative_tokens` drafts per request."""
+        same vocabulary), each with up to `num_speculative_tokens` drafts per request; with more than
+        `speculative_max_running` requests running nobody drafts (a batch that already fills the matmuls
+        gains nothing from verifying guesses; vLLM's speculative_disable_by_batch_size)."""
         if speculative not in (None, "prompt_lookup", "draft_model"):
             raise ValueError(f"speculative must be None, prompt_lookup or draft_model; got {speculative!r}")
         if speculative and num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1; got {num_speculative_tokens}")
+        if speculative_max_running is not None and speculative_max_running < 1:
+            raise ValueError(f"speculative_max_running must be >= 1 or None; got {speculative_max_running}")
+        self.speculative_max_running = speculative_max_running
         if (speculative == "draft_model") != (draft_model is not None):
             raise ValueError("speculative='draft_model' and a draft_model go together; pass both or neither")
         c = model.config
@@ -247,6 +253,9 @@ class LLMEngine:
         """Drafts for the next step of every request that just got tokens and goes on."""
         if self.proposer is None:
             return
+        cap = self.speculative_max_running
+        if cap is not None and len(self.scheduler.running) > cap:
+            return  # drafts are cleared once scheduled, so none are pending now
         for request, _ in updated:
             if request.status is not RequestStatus.RUNNING:
                 continue
