@@ -47,10 +47,8 @@ from lmstack.generate.sampling import (
 )
 from lmstack.generate.speculative import accepted_length, verification_counts
 from lmstack.generate.structured import GrammarCompiler, GrammarMatcher, apply_bitmask, fill_bitmask
-from lmstack.kernels import load_ops_kernels
-from lmstack.models import layers
 from lmstack.models.attention import Attention, attend, attention_mask
-from lmstack.models.layers import apply_rope
+from lmstack.models.layers import apply_rope, fused_ops
 from lmstack.models.transformer import Block, Transformer
 
 
@@ -190,7 +188,7 @@ class ModelRunner:
         if not so.scheduled:
             return RunnerOutput({})
         ids, pos, slots, spans = self._prepare(so)
-        ops = self._native_ops(len(ids))
+        ops = fused_ops(self.kv.k[0], rows=len(ids))  # CPU float32 cache, a step of few tokens
         reads: _Reads = (
             native_tables(spans, ops, self.device)
             if ops is not None
@@ -246,13 +244,6 @@ class ModelRunner:
             return torch.tensor(xs, dtype=torch.long, device=self.device)
 
         return tensor(ids), tensor(pos), tensor(slots), spans
-
-    def _native_ops(self, num_tokens: int) -> ModuleType | None:
-        """The native op module for steps it serves: CPU, float32 cache, at most FUSED_MAX_ROWS tokens."""
-        k = self.kv.k[0]
-        if not layers.USE_FUSED_OPS or num_tokens > layers.FUSED_MAX_ROWS or k.dtype != torch.float32:
-            return None
-        return load_ops_kernels() if k.is_cpu else None
 
     def _forward(self, ids, pos, slots, reads: _Reads) -> torch.Tensor:
         m = self.model

@@ -20,7 +20,6 @@
 // size, rd rotary dims, S visible keys, Smax cache length.
 
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>

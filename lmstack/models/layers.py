@@ -25,14 +25,17 @@ FUSED_MAX_ROWS = 64
 USE_FUSED_OPS = os.environ.get("LMSTACK_FUSED_OPS", "1") != "0"  # LMSTACK_FUSED_OPS=0: PyTorch only
 
 
-def fused_ops(x: torch.Tensor) -> ModuleType | None:
-    """The native op module when x is a small float32 CPU batch outside autograd, else None."""
+def fused_ops(x: torch.Tensor, rows: int | None = None) -> ModuleType | None:
+    """The native op module when x is a small float32 CPU batch outside autograd, else None. `rows`
+    overrides x's own row count (the engine asks with its KV cache and the step's token count)."""
+    if rows is None:
+        rows = x.numel() // max(x.shape[-1], 1)
     if (
         not USE_FUSED_OPS
         or x.dtype != torch.float32
         or not x.is_cpu
         or torch.is_grad_enabled()
-        or x.numel() > FUSED_MAX_ROWS * x.shape[-1]
+        or rows > FUSED_MAX_ROWS
     ):
         return None
     return load_ops_kernels()
