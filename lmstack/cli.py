@@ -167,6 +167,149 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home(data_dir: Path | None) -> Path:
+    from lmstack.api import default_home
+
+    return Path(data_dir) if data_dir is not None else default_home()
+
+
+def _pairs(items: list[str], what: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> dict; values that read as JSON numbers or booleans become those."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} is not KEY=VALUE")
+        try:
+            parsed = json.loads(value)
+            out[key] = parsed if isinstance(parsed, (int, float, bool)) else value
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _collection(args: argparse.Namespace, create: bool = False) -> Any:
+    from lmstack.rag.collection import Collection
+    from lmstack.rag.ingest import ChunkSettings
+
+    settings = None
+    if create:
+        given = {k: getattr(args, k) for k in ("chunk_tokens", "overlap_tokens", "parent_tokens")}
+        settings = ChunkSettings(**{k: v for k, v in given.items() if v is not None})
+    return Collection.open(
+        args.collection, data_dir=_home(args.data_dir), backend=args.backend, pg_uri=args.pg_uri,
+        create=create, settings=settings,
+    )  # fmt: skip
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Add files and folders to a collection (created on first use); unchanged files are skipped,
+    changed ones replaced, deleted ones removed. Safe to interrupt: re-run to finish."""
+    import json
+
+    with _collection(args, create=True) as coll:
+        try:
+            report = coll.ingest(
+                args.paths, include=tuple(args.include or ["**/*"]), exclude=tuple(args.exclude),
+                metadata=_pairs(args.meta, "--meta"), progress=not args.quiet,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            print(
+                "lmstack: interrupted; every file committed so far is kept, re-run to finish", file=sys.stderr
+            )
+            return 130
+        if args.json:
+            print(json.dumps({**report.__dict__, "skipped": [s.__dict__ for s in report.skipped],
+                              "collection": coll.name, "count": coll.store.count()}))  # fmt: skip
+            return 0
+        for s in report.skipped:
+            print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+        print(f"{coll.name}: {report.summary()}; {coll.store.count()} chunks in the collection")
+    return 0
+
+
+def _retrieval_config(args: argparse.Namespace) -> Any:
+    from lmstack.rag.retrieval import RetrievalConfig
+
+    return RetrievalConfig(
+        k=args.k, mode=args.mode, min_score=args.min_score, where=_pairs(args.where, "--where") or None,
+        mmr=args.mmr, rerank=args.rerank, rewrite=args.rewrite, small_to_big=args.small_to_big,
+    ).check()  # fmt: skip
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer a question from a collection, citing the sources as [n]; --json for scripts."""
+    import json
+
+    from lmstack.rag.answer import Answer
+
+    config = _retrieval_config(args)
+    if not args.question.strip():
+        raise ValueError("the question is empty; ask something")
+    with _collection(args) as coll:
+        llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir)
+        result: Answer | None = None
+        stream_out = not args.json
+        for item in coll.ask_stream(args.question, llm, config, max_tokens=args.max_new_tokens):
+            if isinstance(item, Answer):
+                result = item
+            elif stream_out:
+                print(item, end="", flush=True)
+        assert result is not None
+        if args.json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+            return 0
+        print()
+        if result.sources:
+            print("\nSources:")
+            for s in result.sources:
+                mark = "*" if s.n in result.citations else " "
+                print(
+                    f"{mark}[{s.n}] {s.source} ({s.label().split(', ', 1)[-1]}) chars {s.span[0]}-{s.span[1]}"
+                )
+        if args.show_prompt:
+            print(
+                "\nMessages sent to the model:"
+                if result.messages
+                else "\n(no relevant source: the model was not called)"
+            )
+            for m in result.messages:
+                print(f"--- {m['role']} ---\n{m['content']}")
+    return 0
+
+
+def cmd_collections(args: argparse.Namespace) -> int:
+    """List collections (with their chunk counts), or drop one."""
+    from lmstack.rag.collection import Collection, store_class, store_location
+
+    if args.drop:
+        store_class(args.backend).drop(
+            store_location(args.backend, _home(args.data_dir), args.pg_uri), args.drop
+        )
+        print(f"dropped {args.drop}")
+        return 0
+    for name in Collection.list(_home(args.data_dir), args.backend, args.pg_uri):
+        print(name)
+    return 0
+
+
+def _add_collection_args(p: argparse.ArgumentParser, collection: bool = True) -> None:
+    if collection:
+        p.add_argument("-c", "--collection", required=True, help="collection name")
+    p.add_argument("--backend", default="embedded", choices=["embedded", "pgvector"])
+    p.add_argument(
+        "--pg-uri", default=None, help="PostgreSQL URI for --backend pgvector (or $LMSTACK_PG_URI)"
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="collections and caches (default $LMSTACK_HOME or ~/.lmstack)",
+    )
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL, help="model name (see `lmstack models`) or path")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -248,11 +391,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingest", help=cmd_ingest.__doc__)
+    p.add_argument("paths", nargs="+", type=Path, help="files and folders")
+    _add_collection_args(p)
+    p.add_argument("--include", action="append", help="glob within folders (repeatable; default **/*)")
+    p.add_argument(
+        "--exclude", action="append", default=[], help="glob within folders to leave out (repeatable)"
+    )
+    p.add_argument(
+        "--meta", action="append", default=[], help="KEY=VALUE on every chunk, for --where (repeatable)"
+    )
+    p.add_argument("--chunk-tokens", type=int, default=None, help="new collections: tokens per chunk (192)")
+    p.add_argument("--overlap-tokens", type=int, default=None, help="new collections: overlap (32)")
+    p.add_argument(
+        "--parent-tokens", type=int, default=None, help="new collections: small-to-big passage (768)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ask", help=cmd_ask.__doc__)
+    p.add_argument("question")
+    _add_collection_args(p)
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL, help="answer model (see `lmstack models`) or path")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="int8", choices=["float32", "bfloat16", "int8", "q4"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("-k", type=int, default=5, help="sources in the prompt")
+    p.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "lexical"])
+    p.add_argument("--min-score", type=float, default=0.25, help="cosine similarity a source needs")
+    p.add_argument("--where", action="append", default=[], help="KEY=VALUE metadata filter (repeatable)")
+    p.add_argument("--mmr", type=float, default=None, help="MMR lambda in [0, 1] for diverse sources")
+    p.add_argument("--rerank", action="store_true", help="let the model judge each source's relevance")
+    p.add_argument("--rewrite", action="store_true", help="also search with a model-written query")
+    p.add_argument("--small-to-big", action="store_true", help="answer from the passages around the hits")
+    p.add_argument(
+        "--json", action="store_true", help="print answer, sources and messages as one JSON object"
+    )
+    p.add_argument("--show-prompt", action="store_true", help="print the exact messages sent to the model")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("collections", help=cmd_collections.__doc__)
+    _add_collection_args(p, collection=False)
+    p.add_argument("--drop", default=None, metavar="NAME", help="delete this collection")
+    p.set_defaults(func=cmd_collections)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    if getattr(args, "backend", None) == "pgvector" and not args.pg_uri:
+        args.pg_uri = os.environ.get("LMSTACK_PG_URI")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

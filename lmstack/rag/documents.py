@@ -203,6 +203,8 @@ def load_html(path: Path) -> Document:
     root = root or soup.body or soup
     for tag in root.find_all(drop):
         tag.decompose()
+    for tag in root.select("a.headerlink"):  # Sphinx/MkDocs permalink anchors: a pilcrow after each heading
+        tag.decompose()
     out = _TextBuilder()
     marks: list[tuple[int, int | None, tuple[str, ...]]] = []
     heading_stack: list[tuple[int, str]] = []
@@ -307,19 +309,18 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
-def load_path(
+def list_files(
     path: str | Path, include: tuple[str, ...] = ("**/*",), exclude: tuple[str, ...] = ()
-) -> LoadResult:
-    """One file (errors raise) or a folder: files matching an `include` glob and no `exclude` glob (an
-    excluded folder takes its files with it), relative to the folder, in sorted order; hidden files and
-    folders (.git) are left out. A file in a folder that cannot load (unsupported type, binary, empty,
-    encrypted ...) is listed in `skipped` with its reason instead of failing the whole folder."""
+) -> tuple[list[Path], list[Skipped]]:
+    """The loadable files under `path` (itself if it is a file), resolved and sorted, and the files left
+    out because of their type. A folder's files match an `include` glob and no `exclude` glob (an excluded
+    folder takes its files with it), relative to the folder; hidden files and folders are left out."""
     root = Path(path)
     if not root.exists():
         raise DocumentError(f"{root}: no such file or folder; check the path")
     root = root.resolve()
     if root.is_file():
-        return LoadResult(documents=[load_file(root)])
+        return [root], []
     excluded = {p for pattern in exclude for p in root.glob(pattern)}
     files = sorted(
         {
@@ -330,15 +331,30 @@ def load_path(
         },
         key=lambda p: p.relative_to(root).as_posix(),
     )
-    result = LoadResult()
+    out, skipped = [], []
     for f in files:
         if _is_hidden(f.relative_to(root)):
             continue
         if f.suffix.lower() not in SUPPORTED_SUFFIXES:
-            result.skipped.append(Skipped(str(f), f"unsupported file type {f.suffix or '(no extension)'!r}"))
-            continue
+            skipped.append(Skipped(str(f), f"unsupported file type {f.suffix or '(no extension)'!r}"))
+        else:
+            out.append(f.resolve())
+    return out, skipped
+
+
+def load_path(
+    path: str | Path, include: tuple[str, ...] = ("**/*",), exclude: tuple[str, ...] = ()
+) -> LoadResult:
+    """One file (errors raise) or a folder (see `list_files`). A file in a folder that cannot load (binary,
+    empty, encrypted ...) is listed in `skipped` with its reason instead of failing the whole folder."""
+    files, skipped = list_files(path, include, exclude)
+    if Path(path).resolve().is_file():
+        return LoadResult(documents=[load_file(files[0])])
+    result = LoadResult(skipped=skipped)
+    for f in files:
         try:
             result.documents.append(load_file(f))
         except DocumentError as e:
             result.skipped.append(Skipped(str(f), str(e)))
+    result.skipped.sort(key=lambda s: s.path)
     return result

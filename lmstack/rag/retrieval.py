@@ -1,0 +1,191 @@
+"""Question -> ranked chunks: dense + BM25 candidates fused with reciprocal rank fusion, then optional
+LLM rewriting (before), LLM relevance judging and MMR diversity (after), and small-to-big parents.
+
+    question --(rewrite?)--> queries --dense k'--+
+                                    --BM25  k'--+--> RRF --> (judge?) --> (MMR?) --> top k --> parents?
+
+Relevance gate: a hit whose dense cosine similarity to the question is below `min_score` is dropped (a
+lexical-only hit gets its similarity computed from its stored vector), so a question the collection does not
+cover retrieves nothing and the answer step can refuse instead of guessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lmstack.rag.embedder import Embedder
+from lmstack.rag.store import Parent, Record, Store, StoreError, Where
+
+MODES = ("hybrid", "dense", "lexical")
+
+# (messages) -> generated text; the answer model, used to rewrite queries
+Complete = Callable[[list[dict[str, str]]], str]
+# (question, passage) -> probability that the passage helps answer the question
+Judge = Callable[[str, str], float]
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    k: int = 5  # hits returned
+    mode: str = "hybrid"
+    candidates: int = 40  # per retriever, before fusion
+    rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al.)
+    min_score: float = 0.25  # dense cosine similarity a hit needs to count as relevant; 0 keeps everything
+    where: Where | None = None  # metadata filter
+    mmr: float | None = None  # lambda in [0, 1]: 1 = pure relevance; None = no MMR
+    rerank: bool = False  # judge the top `rerank_candidates` with the LLM
+    rerank_candidates: int = 10
+    rewrite: bool = False  # also search with an LLM-written search query
+    small_to_big: bool = False  # answer from each hit's parent passage
+
+    def check(self) -> RetrievalConfig:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 1 <= self.k <= 100:
+            raise ValueError(f"k must be in [1, 100], got {self.k}")
+        if self.candidates < self.k:
+            raise ValueError(f"candidates ({self.candidates}) must be at least k ({self.k})")
+        if self.mmr is not None and not 0.0 <= self.mmr <= 1.0:
+            raise ValueError(f"mmr is a lambda in [0, 1], got {self.mmr}")
+        if not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
+        return self
+
+
+@dataclass
+class Hit:
+    record: Record
+    score: float  # the fused (or judged) score the ranking used
+    dense: float  # cosine similarity to the question
+    lexical: float | None = None  # BM25 score when the lexical retriever found it
+    relevance: float | None = None  # the LLM judge's probability, when reranking
+    parent: Parent | None = None  # small-to-big: the passage the answer reads
+    ranks: dict[str, int] = field(default_factory=dict)  # rank per retriever, 1-based
+
+    @property
+    def context(self) -> str:
+        """What the answer model reads for this hit."""
+        return self.parent.text if self.parent is not None else self.record.text
+
+
+def rrf(rankings: Sequence[Sequence[str]], k: int = 60) -> dict[str, float]:
+    """Reciprocal rank fusion: sum over rankings of 1 / (k + rank)."""
+    fused: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, item in enumerate(ranking, start=1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return fused
+
+
+def mmr(vectors: np.ndarray, relevance: np.ndarray, k: int, lam: float) -> list[int]:
+    """Maximal marginal relevance: greedily pick lam * relevance - (1 - lam) * max similarity to picked."""
+    picked: list[int] = []
+    rest = list(range(len(vectors)))
+    sims = vectors @ vectors.T
+    while rest and len(picked) < k:
+        penalty = sims[np.ix_(rest, picked)].max(axis=1) if picked else np.zeros(len(rest))
+        scores = lam * relevance[rest] - (1 - lam) * penalty
+        picked.append(rest.pop(int(np.argmax(scores))))
+    return picked
+
+
+REWRITE_SYSTEM = (
+    "Rewrite the user's question as a short search query for a documentation search engine: keep names, "
+    "identifiers and key terms, drop filler words. Reply with the query only."
+)
+
+
+def rewrite_query(question: str, complete: Complete) -> str:
+    text = complete([{"role": "system", "content": REWRITE_SYSTEM}, {"role": "user", "content": question}])
+    return text.strip().splitlines()[0].strip().strip('"') if text.strip() else ""
+
+
+def retrieve(
+    store: Store,
+    embedder: Embedder,
+    question: str,
+    config: RetrievalConfig | None = None,
+    *,
+    complete: Complete | None = None,
+    judge: Judge | None = None,
+) -> list[Hit]:
+    config = (config or RetrievalConfig()).check()
+    if not isinstance(question, str) or not question.strip():
+        raise StoreError("the question is empty; ask something")
+    queries = [question]
+    if config.rewrite:
+        if complete is None:
+            raise ValueError("rewrite=True needs a model to write the query (pass complete=...)")
+        rewritten = rewrite_query(question, complete)
+        if rewritten and rewritten.lower() != question.lower():
+            queries.append(rewritten)
+    qvecs = embedder.embed(queries)
+    qvec = qvecs[0]
+
+    rankings: list[list[str]] = []
+    dense_of: dict[str, float] = {}
+    lexical_of: dict[str, float] = {}
+    ranks: dict[str, dict[str, int]] = {}
+    for i, (q, v) in enumerate(zip(queries, qvecs, strict=True)):
+        tag = "" if i == 0 else "_rewritten"
+        if config.mode in ("hybrid", "dense"):
+            found = store.dense_search(v, config.candidates, config.where)
+            rankings.append([rid for rid, _ in found])
+            for r, (rid, s) in enumerate(found, 1):
+                if i == 0:
+                    dense_of[rid] = s
+                ranks.setdefault(rid, {})["dense" + tag] = r
+        if config.mode in ("hybrid", "lexical"):
+            found = store.lexical_search(q, config.candidates, config.where)
+            rankings.append([rid for rid, _ in found])
+            for r, (rid, s) in enumerate(found, 1):
+                lexical_of.setdefault(rid, s)
+                ranks.setdefault(rid, {})["lexical" + tag] = r
+    fused = rrf(rankings, config.rrf_k)
+    if not fused:
+        return []
+
+    ids = sorted(fused, key=lambda rid: -fused[rid])
+    vectors = store.get_vectors(ids)
+    dense = vectors @ qvec  # the question's similarity, also for lexical-only candidates
+    keep = [i for i in range(len(ids)) if dense[i] >= config.min_score]
+    ids, vectors, dense = [ids[i] for i in keep], vectors[keep], dense[keep]
+    records = store.get(ids)
+    hits = [
+        Hit(rec, fused[rid], float(d), lexical_of.get(rid), ranks=ranks.get(rid, {}))
+        for rid, rec, d in zip(ids, records, dense, strict=True)
+    ]
+    if config.rerank and hits:
+        if judge is None:
+            raise ValueError("rerank=True needs a relevance judge (pass judge=...)")
+        head = hits[: config.rerank_candidates]
+        for h in head:
+            h.relevance = judge(question, h.record.text)
+        # judged hits first, by the judge's probability (fused score breaks ties); the rest keep their order
+        order = sorted(range(len(head)), key=lambda i: (-(head[i].relevance or 0.0), i))
+        hits = [replace(head[i], score=head[i].relevance or 0.0) for i in order] + hits[len(head) :]
+        vectors = np.concatenate([vectors[order], vectors[len(head) :]])
+    if config.mmr is not None and len(hits) > 1:
+        rel = np.array([h.score for h in hits])
+        rel = rel / max(float(rel.max()), 1e-9)
+        hits = [hits[i] for i in mmr(vectors, rel, len(hits), config.mmr)]
+    if not config.small_to_big:
+        return hits[: config.k]
+    # small-to-big: each hit reads its parent passage; hits sharing a parent collapse into the best one
+    chosen: list[Hit] = []
+    seen: set[str] = set()
+    for h in hits:
+        key = h.record.parent_id or h.record.id
+        if key not in seen:
+            seen.add(key)
+            chosen.append(h)
+        if len(chosen) == config.k:
+            break
+    parent_ids = [h.record.parent_id for h in chosen if h.record.parent_id]
+    parents = dict(zip(parent_ids, store.get_parents(parent_ids), strict=True)) if parent_ids else {}
+    for h in chosen:
+        h.parent = parents.get(h.record.parent_id or "")
+    return chosen
