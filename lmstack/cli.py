@@ -116,6 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from lmstack.serve import ModelEntry, ServerSettings, run_server, usage_banner
+    from lmstack.serve.rag import RagSettings
 
     keys = {k for k in args.api_key if k}
     if os.environ.get("LMSTACK_API_KEY"):  # keeps the key out of `ps`
@@ -161,6 +162,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout or None, rate_limit_rpm=args.rate_limit_rpm,
         rate_limit_tpm=args.rate_limit_tpm, drain_timeout_s=args.drain_timeout,
         embeddings=not args.no_embeddings,
+        rag=RagSettings(
+            data_dir=_home(args.data_dir), backend=args.rag_backend, pg_uri=args.pg_uri,
+            ingest_roots=tuple(Path(r).resolve() for r in args.rag_root),
+        ),
     )  # fmt: skip
     banner = usage_banner(args.host, args.port, next(iter(models)), bool(keys))
     run_server(models, settings, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
@@ -290,7 +295,7 @@ def cmd_collections(args: argparse.Namespace) -> int:
         )
         print(f"dropped {args.drop}")
         return 0
-    for name in Collection.list(_home(args.data_dir), args.backend, args.pg_uri):
+    for name in Collection.names(_home(args.data_dir), args.backend, args.pg_uri):
         print(name)
     return 0
 
@@ -389,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=4, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30, help="seconds to finish requests at shutdown")
     p.add_argument("--no-embeddings", action="store_true", help="do not serve /v1/embeddings")
+    p.add_argument(
+        "--rag-root", action="append", default=[],
+        help="folder that POST /v1/rag/ingest may read (repeatable; none: ingest over HTTP is off)",
+    )  # fmt: skip
+    p.add_argument("--rag-backend", default="embedded", choices=["embedded", "pgvector"])
+    p.add_argument("--pg-uri", default=None, help="PostgreSQL URI for --rag-backend pgvector")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -444,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "backend", None) == "pgvector" and not args.pg_uri:
+    if "pgvector" in (getattr(args, "backend", None), getattr(args, "rag_backend", None)) and not args.pg_uri:
         args.pg_uri = os.environ.get("LMSTACK_PG_URI")
     func: Callable[[argparse.Namespace], int] = args.func
     try:

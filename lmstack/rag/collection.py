@@ -114,7 +114,7 @@ class Collection:
         return cls(store, embedder)
 
     @staticmethod
-    def list(data_dir: str | Path, backend: str = "embedded", pg_uri: str | None = None) -> list[str]:
+    def names(data_dir: str | Path, backend: str = "embedded", pg_uri: str | None = None) -> list[str]:
         return store_class(backend).list_collections(store_location(backend, data_dir, pg_uri))
 
     # --------------------------------------------------------------------------------------------- work

@@ -89,7 +89,8 @@ _JSON_TYPE = {str: "text", int: "integer", float: "real"}
 
 def _where_sql(where: Where | None) -> tuple[str, list[Any]]:
     """A filter as a SQL condition over records.metadata (JSON): key == value with the same JSON type."""
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[Any] = []
     for key, values in check_where(where).items():
         ors = []
         for v in values:
@@ -111,6 +112,9 @@ def fts_query(text: str) -> str | None:
 
 
 class EmbeddedStore(Store):
+    _index: Any  # faiss.IndexIDMap2 over an IndexHNSWFlat (faiss has no type stubs)
+    _vectors: Any  # [ntotal, dim] float32 view of the graph's own copy of the vectors (None when empty)
+
     def __init__(self, folder: Path, db: sqlite3.Connection) -> None:
         self.folder = folder
         self.name = folder.name
@@ -194,7 +198,7 @@ class EmbeddedStore(Store):
     def _generation(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
 
-    def _new_graph(self) -> faiss.IndexIDMap2:
+    def _new_graph(self) -> Any:
         graph = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         return faiss.IndexIDMap2(graph)
@@ -220,7 +224,8 @@ class EmbeddedStore(Store):
     def _refresh_views(self) -> None:
         n = self._index.ntotal
         self._labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)  # label -> pos, ascending
-        flat = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        hnsw: Any = faiss.downcast_index(self._index.index)
+        flat: Any = faiss.downcast_index(hnsw.storage)
         self._vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim) if n else None
 
     def _sync(self, force: bool = False) -> None:
@@ -288,7 +293,8 @@ class EmbeddedStore(Store):
             raise StoreError(f"{source}: duplicate record ids; chunk ids must be unique")
         if len({p.id for p in parents}) != len(parents):
             raise StoreError(f"{source}: duplicate parent ids")
-        for r in (*records, *parents):
+        items: list[Record | Parent] = [*records, *parents]
+        for r in items:
             if r.source != source:
                 raise StoreError(
                     f"record {r.id} belongs to {r.source!r}, not {source!r}; one source per call"
@@ -385,7 +391,9 @@ class EmbeddedStore(Store):
             raise StoreError(
                 f"query vector has shape {query.shape}, the collection's dimension is {self.dim}"
             )
-        if k <= 0:
+        if k < 0:
+            raise StoreError(f"k must be >= 0, got {k}")
+        if k == 0:
             return []
         with self._lock:
             self._sync()
@@ -407,7 +415,7 @@ class EmbeddedStore(Store):
                 found = list(zip(self._labels[labels[top]].tolist(), scores[top].tolist(), strict=True))
             else:
                 ef = min(max(64, 2 * k, int(2 * k * len(allowed) / n_allowed)), 2048)
-                params_ = faiss.SearchParametersHNSW(efSearch=ef)
+                params_ = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
                 if n_allowed < len(allowed):
                     bits = np.packbits(allowed, bitorder="little")
                     params_.sel = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bits))
@@ -420,8 +428,10 @@ class EmbeddedStore(Store):
             return self._ids_for(found)
 
     def lexical_search(self, query: str, k: int, where: Where | None = None) -> list[tuple[str, float]]:
+        if k < 0:
+            raise StoreError(f"k must be >= 0, got {k}")
         match = fts_query(query)
-        if match is None or k <= 0:
+        if match is None or k == 0:
             return []
         cond, params = _where_sql(where)
         with self._lock:
@@ -462,7 +472,18 @@ class EmbeddedStore(Store):
             ids,
         )
         return [
-            Record(*r[:6], tuple(json.loads(r[6])), r[7], r[8], json.loads(r[9]))  # type: ignore[arg-type]
+            Record(
+                id=r[0],
+                source=r[1],
+                text=r[2],
+                start=r[3],
+                end=r[4],
+                page=r[5],
+                heading_path=tuple(json.loads(r[6])),
+                n_tokens=r[7],
+                parent_id=r[8],
+                metadata=json.loads(r[9]),
+            )  # fmt: skip
             for r in rows
         ]
 

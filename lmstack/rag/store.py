@@ -82,7 +82,7 @@ def check_where(where: Where | None) -> dict[str, list[Scalar]]:
     for key, value in where.items():
         if not isinstance(key, str) or not _KEY.match(key):
             raise StoreError(f"filter key {key!r} is not a metadata key: use letters, digits and '_'")
-        values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+        values: list[Scalar] = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]  # type: ignore[list-item]
         if not values:
             raise StoreError(f"filter {key!r} has an empty list of values; nothing could match")
         for v in values:
@@ -109,6 +109,10 @@ def check_vectors(vectors: np.ndarray, n: int, dim: int) -> np.ndarray:
         raise StoreError(f"expected {n} vectors of dimension {dim}, got an array of shape {vectors.shape}")
     if not np.isfinite(vectors).all():
         raise StoreError("vectors contain NaN or infinity; check the embedding model")
+    if n and float(np.abs(vectors).max(axis=1).min()) == 0.0:
+        raise StoreError(
+            "a vector is all zeros, which has no direction to compare; check the embedding model"
+        )
     return np.ascontiguousarray(vectors)
 
 
@@ -159,7 +163,8 @@ class Store(ABC):
         vectors: np.ndarray,
         parents: Sequence[Parent] = (),
     ) -> None:
-        """Atomically make `source`'s records, vectors and parents exactly these (old ones go)."""
+        """Atomically make `source`'s records, vectors and parents exactly these (old ones go). Record ids
+        are unique in the collection: an id another source holds is a StoreError, and nothing changes."""
 
     @abstractmethod
     def delete_source(self, source: str) -> int:
@@ -167,7 +172,8 @@ class Store(ABC):
 
     @abstractmethod
     def dense_search(self, vector: np.ndarray, k: int, where: Where | None = None) -> list[tuple[str, float]]:
-        """The k records nearest to `vector` that pass `where`: [(id, cosine similarity)], best first."""
+        """The k records nearest to `vector` that pass `where`: [(id, cosine similarity)], best first.
+        k = 0 gives []; k < 0 is a StoreError."""
 
     @abstractmethod
     def lexical_search(self, query: str, k: int, where: Where | None = None) -> list[tuple[str, float]]:
@@ -179,7 +185,7 @@ class Store(ABC):
 
     @abstractmethod
     def get_vectors(self, ids: Sequence[str]) -> np.ndarray:
-        """[len(ids), dim] float32 in the order asked."""
+        """[len(ids), dim] float32 in the order asked; an unknown id raises KeyError."""
 
     @abstractmethod
     def get_parents(self, ids: Sequence[str]) -> list[Parent]:

@@ -32,9 +32,20 @@ from lmstack.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    RagIngestRequest,
+    RagQueryRequest,
     error_body,
     not_supported,
     parse_request,
+)
+from lmstack.serve.rag import (
+    RagAnswerFormat,
+    RagChatFormat,
+    RagService,
+    RagSettings,
+    RagSource,
+    refusal_chunks,
+    refusal_states,
 )
 from lmstack.serve.streaming import (
     DONE,
@@ -80,6 +91,7 @@ class ServerSettings:
     rate_limit_tpm: int | None = None  # prompt + max_tokens x n, settled to what was used
     drain_timeout_s: float = 30.0  # at shutdown, running requests get this long to finish
     embeddings: bool = True  # serve /v1/embeddings when the packaged MiniLM is installed
+    rag: RagSettings = RagSettings()  # collections: /v1/rag/*, chat completions with `collection`
 
 
 @dataclass
@@ -119,7 +131,10 @@ class _Service:
         self.auth = Authenticator(settings.api_keys)
         self.limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
         self.metrics = Metrics({name: e.engine.stats for name, e in self.models.items()})
-        self.embedder = Embedder() if settings.embeddings else None
+        rag_cache = settings.rag.data_dir / "cache" / "embeddings.sqlite" if settings.rag.data_dir else None
+        shared = Embedder(cache=rag_cache)
+        self.embedder = shared if settings.embeddings else None
+        self.rag = RagService(settings.rag, shared)
         self.token_text = {name: TokenText(e.tokenizer) for name, e in self.models.items()}
 
     # --- lookups ----------------------------------------------------------------------------------------
@@ -181,13 +196,92 @@ class _Service:
         client = self.auth.client(request)
         req = parse_request(ChatCompletionRequest, await read_body(request, self.settings.max_body_bytes))
         entry = self.model(req.model)
-        prompt = await asyncio.to_thread(chat_prompt, entry, req)
+        if req.collection is not None:
+            return await self.chat_with_collection(request, client, entry, req)
+        prompt = await asyncio.to_thread(chat_prompt, entry, req.template_messages())
         plan = self.plan(entry, [prompt], req, req.requested_max_tokens, req.engine_logprobs, "messages")
         fmt = ChatFormat(
             f"chatcmpl-{plan.request_id}", entry.name, int(time.time()), self.token_text[entry.name],
             bool(req.logprobs), req.include_usage,
         )  # fmt: skip
         return await self.generate(request, client, entry, plan, fmt, bool(req.stream))
+
+    # --- collections ---------------------------------------------------------------------------------------
+    async def chat_with_collection(
+        self, request: Request, client: str, entry: ModelEntry, req: ChatCompletionRequest
+    ) -> Response:
+        """The last user message is the question; the RAG rules lead the system turn (the client's own
+        system text follows them), earlier turns stay, and the question turn carries the sources."""
+        turns = req.template_messages()
+        question = turns[-1]["content"]
+        assert req.collection is not None
+        sources, rag_messages = await asyncio.to_thread(self.rag.retrieve, req.collection, question, req.rag)
+        messages: list[dict[str, Any]] = []
+        if rag_messages:
+            extra = "\n\n".join(m["content"] for m in turns if m["role"] == "system")
+            system = rag_messages[0]["content"] + (f"\n\n{extra}" if extra else "")
+            history = [m for m in turns[:-1] if m["role"] != "system"]
+            messages = [{"role": "system", "content": system}, *history, rag_messages[1]]
+        rid = uuid.uuid4().hex
+        fmt = RagChatFormat(
+            f"chatcmpl-{rid}", entry.name, int(time.time()), self.token_text[entry.name], bool(req.logprobs),
+            req.include_usage, rag=RagSource(question, sources, messages),
+        )  # fmt: skip
+        if not messages:
+            return self.refuse(fmt, bool(req.stream))
+        prompt = await asyncio.to_thread(chat_prompt, entry, messages)
+        plan = self.plan(entry, [prompt], req, req.requested_max_tokens, req.engine_logprobs, "messages")
+        return await self.generate(request, client, entry, plan, fmt, bool(req.stream))
+
+    async def rag_query(self, request: Request) -> Response:
+        client = self.auth.client(request)
+        req = parse_request(RagQueryRequest, await read_body(request, self.settings.max_body_bytes))
+        entry = self.model(req.model if req.model is not None else next(iter(self.models)))
+        sources, messages = await asyncio.to_thread(self.rag.retrieve, req.collection, req.query, req)
+        rid = uuid.uuid4().hex
+        if req.retrieve_only:
+            body = {"id": f"rag-{rid}", "object": "rag.sources", "created": int(time.time()), "model": None}
+            return JSONResponse({**body, "sources": [s.to_dict() for s in sources], "messages": messages})
+        fmt = RagAnswerFormat(
+            f"rag-{rid}", entry.name, int(time.time()), self.token_text[entry.name], False, False,
+            rag=RagSource(req.query, sources, messages),
+        )  # fmt: skip
+        if not messages:
+            return self.refuse(fmt, bool(req.stream))
+        chat = ChatCompletionRequest.model_validate(
+            {"model": entry.name, "messages": messages, "max_tokens": req.max_tokens, "stream": req.stream,
+             "temperature": 0.0 if req.temperature is None else req.temperature}
+        )  # fmt: skip
+        prompt = await asyncio.to_thread(chat_prompt, entry, messages)
+        plan = self.plan(entry, [prompt], chat, req.max_tokens, None, "query")
+        return await self.generate(request, client, entry, plan, fmt, bool(req.stream))
+
+    def refuse(self, fmt: RagChatFormat | RagAnswerFormat, stream: bool) -> Response:
+        """Nothing relevant was retrieved: the fixed refusal, without calling the model."""
+        if not stream:
+            return JSONResponse(fmt.response(refusal_states(), usage(0, 0)))
+
+        async def events() -> AsyncIterator[bytes]:
+            for chunk in refusal_chunks(fmt):
+                yield sse(chunk)
+            yield DONE
+
+        return _EventStream(events(), lambda: None, {"x-request-id": fmt.response_id})
+
+    async def rag_ingest(self, request: Request) -> Response:
+        self.auth.client(request)
+        req = parse_request(RagIngestRequest, await read_body(request, self.settings.max_body_bytes))
+        body = await asyncio.to_thread(
+            self.rag.ingest, req.collection, req.paths, req.include, req.exclude, req.metadata
+        )
+        return JSONResponse(body)
+
+    async def rag_collections(self, request: Request) -> Response:
+        self.auth.client(request)
+        names = await asyncio.to_thread(self.rag.names)
+        return JSONResponse(
+            {"object": "list", "data": [{"id": n, "object": "rag.collection"} for n in names]}
+        )
 
     async def completions(self, request: Request) -> Response:
         client = self.auth.client(request)
@@ -215,7 +309,7 @@ class _Service:
             raise not_supported("dimensions", "dimensions other than 384")
         texts = req.texts()
         self.limiter.acquire(client, 0)
-        vectors, tokens = await asyncio.to_thread(self.embedder.embed, texts)
+        vectors, tokens = await asyncio.to_thread(self.embedder.embed_request, texts)
         self.limiter.refund(client, -tokens)  # charged after the fact: counting needs the model's tokenizer
         return JSONResponse(embeddings_response(vectors, tokens, req.encoding_format))
 
@@ -286,6 +380,8 @@ class _Service:
                     self.finished(entry, out)
                 for chunk in fmt.deltas(i, out, lps, states[i]):
                     yield sse(chunk)
+            for chunk in fmt.closing(states):
+                yield sse(chunk)
             if fmt.include_usage:
                 completion = sum(s.completion_tokens for s in states)
                 yield sse(fmt.usage_chunk(usage(plan.prompt_tokens, completion)))
@@ -367,7 +463,7 @@ def engine_error(error: BaseException) -> APIError:
 
 
 # --- prompts ------------------------------------------------------------------------------------------------
-def chat_prompt(entry: ModelEntry, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt(entry: ModelEntry, messages: list[dict[str, Any]]) -> list[int]:
     if not entry.is_chat:
         raise APIError(
             400,
@@ -377,7 +473,7 @@ def chat_prompt(entry: ModelEntry, req: ChatCompletionRequest) -> list[int]:
             code="model_not_chat",
         )
     try:
-        text = entry.tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+        text = entry.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as error:
         raise APIError(400, str(error), param="messages") from error
     return entry.tokenizer.encode(text, add_special_tokens=False)
@@ -408,6 +504,7 @@ def create_app(models: Mapping[str, ModelEntry], settings: ServerSettings | None
         # uvicorn has already waited for open requests; this drains whatever is left, then aborts.
         drains = (e.engine.shutdown(drain=True, timeout=settings.drain_timeout_s) for e in models.values())
         await asyncio.gather(*drains)
+        service.rag.close()
 
     app = FastAPI(title="lmstack", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -471,3 +568,6 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     app.add_api_route("/v1/chat/completions", service.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", service.completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", service.embeddings, methods=["POST"])
+    app.add_api_route("/v1/rag/query", service.rag_query, methods=["POST"])
+    app.add_api_route("/v1/rag/ingest", service.rag_ingest, methods=["POST"])
+    app.add_api_route("/v1/rag/collections", service.rag_collections, methods=["GET"])

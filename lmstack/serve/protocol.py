@@ -201,6 +201,27 @@ class _Sampling(_Request):
             raise APIError(400, str(error)) from error
 
 
+_Scalar = str | int | float | bool
+
+
+class RagOptions(_Request):
+    """lmstack's retrieval knobs (the openai client sends them in extra_body)."""
+
+    k: int = Field(5, ge=1, le=50)
+    mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    where: dict[str, _Scalar | list[_Scalar]] | None = None
+    mmr: float | None = Field(None, ge=0, le=1)
+    min_score: float = Field(0.25, ge=-1, le=1)
+    small_to_big: bool = False
+    rerank: bool = False
+    rewrite: bool = False
+
+    def check(self) -> None:
+        for name in ("rerank", "rewrite"):
+            if getattr(self, name):
+                raise not_supported(name, f"{name} over HTTP (use `lmstack ask --{name}` or the Python API)")
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -209,9 +230,20 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # lmstack extension: answer from a collection (the last user message is the question), citing sources
+    collection: str | None = None
+    rag: RagOptions | None = None
 
     def check(self) -> None:
         self.check_common()
+        if self.rag is not None:
+            if self.collection is None:
+                raise APIError(400, "'rag' options need a 'collection' to search.", param="rag")
+            self.rag.check()
+        if self.collection is not None and self.messages[-1].role != "user":
+            raise APIError(
+                400, "With 'collection', the last message must be the user's question.", param="messages"
+            )
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(
                 400,
@@ -251,6 +283,33 @@ class CompletionRequest(_Sampling):
             raise not_supported("best_of", "best_of other than n")
         if self.echo and self.logprobs is not None:
             raise not_supported("echo", "echo together with logprobs (prompt logprobs)")
+
+
+class RagQueryRequest(RagOptions):
+    """POST /v1/rag/query: retrieve from `collection`, answer `query` with `model`, cite the sources."""
+
+    collection: str
+    query: str = Field(min_length=1)
+    model: str | None = None  # default: the first served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool | None = None
+    retrieve_only: bool = False  # sources only, no answer
+
+    def check(self) -> None:
+        super().check()
+        if not self.query.strip():
+            raise APIError(400, "The query is empty; ask a question.", param="query")
+
+
+class RagIngestRequest(_Request):
+    """POST /v1/rag/ingest: add files under the server's allowed folders to a collection."""
+
+    collection: str
+    paths: list[str] = Field(min_length=1)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    metadata: dict[str, _Scalar] | None = None
 
 
 class EmbeddingRequest(_Request):

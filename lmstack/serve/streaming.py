@@ -230,6 +230,10 @@ class BodyFormat:
     logprobs: bool
     include_usage: bool
 
+    def closing(self, states: Sequence[ChoiceState]) -> list[dict[str, Any]]:
+        """Chunks after every choice has finished, before the usage chunk (extensions: RAG sources)."""
+        return []
+
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model}
         body["choices"] = choices
