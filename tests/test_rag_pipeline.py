@@ -310,7 +310,8 @@ def test_prompt_numbers_and_fences_the_sources(corpus_collection: Collection) ->
     hits = corpus_collection.retrieve("bicycle shed meeting notes", RetrievalConfig(k=2))
     assert sources_of(hits)[0] == "injection.txt"
     sources, messages = prepare("When is the shed painted?", hits)
-    system, user = messages[0]["content"], messages[1]["content"]
+    system, user = messages[0]["content"], messages[-1]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert "PWNED" not in system and "IGNORE" not in system
     assert user.count("</source>") == len(sources)  # the document's own </source> cannot close the fence
     assert user.count('<source id="') == len(sources)
@@ -322,11 +323,22 @@ def test_prompt_numbers_and_fences_the_sources(corpus_collection: Collection) ->
 def test_citations_map_to_sources(corpus_collection: Collection) -> None:
     hits = corpus_collection.retrieve("How hot is the oven for sourdough?")
     result = answer("How hot?", hits, lambda m: "At 250 degrees Celsius [1], lid on at first [1][9].")
-    assert result.citations == [1] and result.cited[0].source.endswith("bread.md")
+    assert result.citations == [1] and result.cited[0].source.endswith("bread.md") and result.attributed == []
     assert result.messages and not result.refused
     d = result.to_dict()
     assert d["sources"][0]["span"] == list(result.sources[0].span) and d["messages"] == result.messages
     assert parse_citations("see [2, 3] and [1] and [2]", 3) == [2, 3, 1]
+
+
+def test_uncited_sentences_get_the_source_they_come_from(corpus_collection: Collection) -> None:
+    hits = corpus_collection.retrieve("How hot is the oven for sourdough bread?")
+    n = next(i for i, h in enumerate(hits, 1) if "Dutch oven" in h.record.text)
+    text = "Bake the loaf in a preheated Dutch oven at 250 degrees. I like bread."
+    result = answer("How hot?", hits, lambda m: text)
+    assert result.answer == f"Bake the loaf in a preheated Dutch oven at 250 degrees [{n}]. I like bread."
+    assert result.raw == text and result.attributed == [n] and result.citations == [n]
+    refusal = answer("How hot?", hits, lambda m: NOT_ENOUGH)
+    assert refusal.refused and refusal.citations == [] and refusal.answer == NOT_ENOUGH
 
 
 def test_no_relevant_source_refuses_without_calling_the_model(corpus_collection: Collection) -> None:

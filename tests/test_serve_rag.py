@@ -83,7 +83,7 @@ def test_query_reports_the_exact_messages_it_sent(http: httpx.Client, served) ->
     assert text[s["span"][0] : s["span"][1]] == s["text"]  # the span is the citation
     messages = body["messages"]
     assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}
-    assert messages[1]["content"].endswith("Question: How hot is the oven for sourdough?")
+    assert messages[-1]["content"].endswith("Question: How hot is the oven for sourdough?")
     assert body["usage"]["prompt_tokens"] == len(llm.prompt_ids(messages))  # what the model read
 
 

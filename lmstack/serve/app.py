@@ -221,7 +221,8 @@ class _Service:
             extra = "\n\n".join(m["content"] for m in turns if m["role"] == "system")
             system = rag_messages[0]["content"] + (f"\n\n{extra}" if extra else "")
             history = [m for m in turns[:-1] if m["role"] != "system"]
-            messages = [{"role": "system", "content": system}, *history, rag_messages[1]]
+            examples = rag_messages[1:-1]  # the worked exchange, then the client's turns, then the question
+            messages = [{"role": "system", "content": system}, *examples, *history, rag_messages[-1]]
         rid = uuid.uuid4().hex
         fmt = RagChatFormat(
             f"chatcmpl-{rid}", entry.name, int(time.time()), self.token_text[entry.name], bool(req.logprobs),
