@@ -74,7 +74,7 @@ def store_location(backend: str, data_dir: str | Path | None, pg_uri: str | None
         return pg_uri
     if data_dir is None:
         raise StoreError("the embedded backend needs a data folder (--data-dir)")
-    return Path(data_dir) / "collections"
+    return Path(data_dir).expanduser() / "collections"
 
 
 class Collection:
@@ -104,6 +104,7 @@ class Collection:
         embedder: Embedder | None = None,
     ) -> Collection:
         """Open a collection; with `create`, make it if it is missing (with `settings`, fixed for good)."""
+        data_dir = Path(data_dir).expanduser()
         embedder = embedder or Embedder(cache=Path(data_dir) / "cache" / "embeddings.sqlite")
         location = store_location(backend, data_dir, pg_uri)
         if not create:
