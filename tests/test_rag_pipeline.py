@@ -211,10 +211,23 @@ def test_interrupt_keeps_committed_files(tmp_path: Path, embedder: Embedder) -> 
 
 
 def test_ingest_bad_input(tmp_path: Path, embedder: Embedder) -> None:
+    from pypdf import PdfWriter
+
+    from tests.test_rag_documents import make_pdf
+
     docs = write_corpus(tmp_path / "docs")
     (docs / "blob.bin").write_bytes(bytes(range(256)) * 4)
     (docs / "fake.txt").write_bytes(b"\x00\x01\x02binary\xff\xfe" * 50)
+    (docs / "empty.md").write_text("\n\n")
+    (docs / "broken.pdf").write_bytes(make_pdf(["a page"])[:200])
+    writer = PdfWriter()
+    writer.add_blank_page(100, 100)
+    writer.encrypt("hunter2", algorithm="RC4-128")
+    with open(docs / "locked.pdf", "wb") as fh:
+        writer.write(fh)
     with open_collection(tmp_path / "data", embedder) as coll:
+        with pytest.raises(DocumentError, match="encrypted PDF"):  # named on its own: an error, not a skip
+            coll.ingest([docs / "kitchen", docs / "locked.pdf"], progress=False)
         with pytest.raises(DocumentError, match="no such file or folder"):
             coll.ingest([tmp_path / "missing"], progress=False)
         with pytest.raises(DocumentError, match="outside the folders this server may read"):
@@ -225,6 +238,10 @@ def test_ingest_bad_input(tmp_path: Path, embedder: Embedder) -> None:
         report = coll.ingest([docs], progress=False)
         reasons = {Path(s.path).name: s.reason for s in report.skipped}
         assert "unsupported file type" in reasons["blob.bin"] and "binary" in reasons["fake.txt"]
+        assert (
+            "encrypted PDF" in reasons["locked.pdf"] and "corrupt or unreadable PDF" in reasons["broken.pdf"]
+        )
+        assert "empty" in reasons["empty.md"] and len(report.added) == len(CORPUS)
     with pytest.raises(CollectionNotFound, match="existing: c"):
         Collection.open("nope", data_dir=tmp_path / "data", embedder=embedder)
     with pytest.raises(StoreError, match="not allowed"):

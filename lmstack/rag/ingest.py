@@ -181,6 +181,7 @@ def ingest(
     # What is on disk now, and what to do with each file.
     todo: list[tuple[Path, str]] = []
     seen: set[str] = set()
+    gone: list[str] = []
     for root in check_allowed(paths, allowed_roots):
         files, skipped = list_files(root, include, exclude)
         report.skipped += skipped
@@ -193,10 +194,16 @@ def ingest(
                 todo.append((f, fp))
         if root.is_dir():  # files gone from an ingested folder take their chunks with them
             prefix = str(root).rstrip("/") + "/"
-            for source in known:
-                if source.startswith(prefix) and source not in seen:
-                    store.delete_source(source)
-                    report.deleted.append(source)
+            gone += [s for s in known if s.startswith(prefix) and s not in seen]
+
+    # A file named on its own (not found in a folder) that cannot load is an error, before any write.
+    loaded: dict[Path, Document] = {}
+    for f, _ in todo:
+        if any(f == Path(p).expanduser().resolve() for p in paths):
+            loaded[f] = load_file(f)
+    for source in dict.fromkeys(gone):
+        store.delete_source(source)
+        report.deleted.append(source)
 
     count = embedder.count_tokens
     bar = tqdm(total=len(todo), unit="file", disable=not progress, desc=f"ingest {store.name}")
@@ -221,7 +228,7 @@ def ingest(
     try:
         for f, fp in todo:
             try:
-                doc = load_file(f)
+                doc = loaded.pop(f) if f in loaded else load_file(f)
             except DocumentError as e:
                 report.skipped.append(Skipped(str(f), str(e)))
                 if str(f) in known:  # it was ingested before and no longer loads: its chunks are stale
