@@ -169,7 +169,7 @@ def _gpt2_config(cfg: dict[str, Any], name: str, extra: dict[str, Any]) -> Model
 
 # --- tensor names ------------------------------------------------------------------------------------
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)\.(weight|bias)$")
-_LLAMA_LAYER = {
+LLAMA_LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn.wq",
     "self_attn.k_proj": "attn.wk",
@@ -183,7 +183,7 @@ _LLAMA_LAYER = {
     "mlp.up_proj": "mlp.w3",
     "mlp.down_proj": "mlp.w2",
 }
-_LLAMA_TOP = {
+LLAMA_TOP_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
@@ -197,14 +197,14 @@ def hf_to_lmstack(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> d
         return _gpt2_to_lmstack(state_dict, config)
     # Llama/Qwen call the pre-MLP norm post_attention_layernorm; Gemma's sandwich uses it after attention
     layer_map = dict(
-        _LLAMA_LAYER, post_attention_layernorm="post_attn_norm" if config.post_norms else "mlp_norm"
+        LLAMA_LAYER_NAMES, post_attention_layernorm="post_attn_norm" if config.post_norms else "mlp_norm"
     )
     out, unknown = {}, []
     for name, t in state_dict.items():
         if name.endswith(_IGNORED):
             continue
-        if name in _LLAMA_TOP:
-            out[_LLAMA_TOP[name]] = t
+        if name in LLAMA_TOP_NAMES:
+            out[LLAMA_TOP_NAMES[name]] = t
         elif (m := _LAYER.match(name)) and m.group(2) in layer_map:
             out[f"layers.{m.group(1)}.{layer_map[m.group(2)]}.{m.group(3)}"] = t
         else:
