@@ -10,6 +10,7 @@ import functools
 from typing import cast
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from lmstack.config import ModelConfig
@@ -53,6 +54,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.rotary_dim = config.rotary_dim or config.hd
         self.cache_len = 0  # 0 -> no KV cache set up
+        self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing
 
     # --- inference state -------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
@@ -107,8 +109,15 @@ class Transformer(nn.Module):
             return attention_mask(input_pos, k_pos, window)
 
         ropes = self._ropes(input_pos)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, ropes.get(self._rope_key(i)), input_pos, mask_for, kv_len)
+            rope = ropes.get(self._rope_key(i))
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, rope, input_pos, mask_for, kv_len, use_reentrant=False
+                )
+            else:
+                x = layer(x, rope, input_pos, mask_for, kv_len)
         return self.head(self.norm(x))  # (B, T, V)
 
     def fuse_projections(self) -> None:
