@@ -164,6 +164,13 @@ def load_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
     return names
 
 
+def _model_key(name: str) -> str:
+    """A model name as lmstack and the hub both spell it: `Qwen/Qwen2.5-Coder-0.5B-Instruct`, a path to its
+    folder or GGUF file, and `qwen2.5-coder-0.5b-instruct` are the same model."""
+    stem = Path(str(name).rstrip("/")).name.lower()
+    return stem.removesuffix(".gguf")
+
+
 def _lora_config(raw: dict[str, Any], base_model_name: str | None) -> LoraConfig:
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type is {raw.get('peft_type')!r}")
@@ -171,7 +178,7 @@ def _lora_config(raw: dict[str, Any], base_model_name: str | None) -> LoraConfig
     if used:
         raise ValueError(f"the adapter uses PEFT options lmstack does not implement: {', '.join(used)}")
     saved_base = raw.get("base_model_name_or_path")
-    if saved_base and base_model_name and saved_base != base_model_name:
+    if saved_base and base_model_name and _model_key(saved_base) != _model_key(base_model_name):
         raise ValueError(
             f"the adapter was trained on {saved_base!r}, not on {base_model_name!r} (a different base model)"
         )

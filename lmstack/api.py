@@ -64,8 +64,12 @@ class LLM:
         device: str = "auto",
         dtype: str = "float32",
         cache_dir: str | Path | None = None,
+        adapter: str | Path | None = None,
     ) -> LLM:
-        """Resolve a model (local path, installed weights package, or the HF hub) and load it."""
+        """Resolve a model (local path, installed weights package, or the HF hub) and load it.
+
+        `adapter`: a LoRA adapter folder in PEFT's format (lmstack's or PEFT's), merged into the float
+        weights before any quantization, so it costs nothing at inference."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         dev = pick_device(device)
@@ -75,6 +79,12 @@ class LLM:
             name_or_path, device=dev, dtype=float_dtype, cache_dir=Path(cache_dir or default_home())
         )
         model = loaded.model.eval()
+        if adapter is not None:
+            from lmstack.adapters import load_adapter
+            from lmstack.lora import merge_lora
+
+            load_adapter(model, adapter, base_model_name=name_or_path)
+            merge_lora(model)
         if dtype in ("int8", "q4"):
             from lmstack.quant import quantize_model
 

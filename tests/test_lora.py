@@ -327,3 +327,23 @@ def test_unsupported_adapters_are_clear_errors(llama_adapter, tmp_path):
     apply_lora(gpt2, LoraConfig(target_modules=["wq"]))
     with pytest.raises(ValueError, match="no Hugging Face PEFT name.*gpt2"):
         save_adapter(gpt2, tmp_path / "gpt2-adapter")
+
+
+def test_llm_load_merges_an_adapter(tiny_checkpoint, tmp_path) -> None:
+    from lmstack.api import LLM
+
+    llm = LLM.load(str(tiny_checkpoint), device="cpu")
+    apply_lora(llm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(5)
+    for name, p in llm.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = [1, 5, 9, 3, 7]
+    with torch.no_grad():
+        expected = llm.model(torch.tensor([ids]))[0]
+    save_adapter(llm.model, tmp_path / "adapter", base_model_name=str(tiny_checkpoint))
+    merged = LLM.load(str(tiny_checkpoint), device="cpu", adapter=tmp_path / "adapter")
+    torch.testing.assert_close(merged.logits(ids), expected, atol=1e-5, rtol=0)
+    assert not lora_state_dict(merged.model)  # merged: plain linears, nothing left to run at inference
+    int8 = LLM.load(str(tiny_checkpoint), device="cpu", adapter=tmp_path / "adapter", dtype="int8")
+    assert (int8.logits(ids) - expected).abs().max() < 0.05 * expected.abs().max()
