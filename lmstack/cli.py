@@ -300,6 +300,37 @@ def cmd_collections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a model on chat JSONL (full, LoRA, QLoRA) or preference JSONL (DPO); resumes from --out."""
+    from lmstack.recipes.finetune import FinetuneArgs, finetune
+    from lmstack.train import TrainConfig
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, save_every=args.save_every,
+        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+    result = finetune(
+        FinetuneArgs(
+            model=args.model, method=args.method, data=args.data, out=args.out, val=args.val,
+            max_len=args.max_len, truncate=args.truncate, rank=args.rank, alpha=args.alpha,
+            dropout=args.lora_dropout, targets=args.targets, beta=args.beta, train=config,
+            cache_dir=args.data_dir,
+        )
+    )  # fmt: skip
+    val = result.val_losses
+    print(
+        f"{result.steps} steps in {result.seconds:.0f} s; train loss {result.train_losses[-1]:.4f}"
+        + (f", validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if val else "")
+        + f"; outputs in {args.out}"
+    )
+    return 0
+
+
 def _add_collection_args(p: argparse.ArgumentParser, collection: bool = True) -> None:
     if collection:
         p.add_argument("-c", "--collection", required=True, help="collection name")
@@ -443,6 +474,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--show-prompt", action="store_true", help="print the exact messages sent to the model")
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("finetune", help=cmd_finetune.__doc__)
+    p.add_argument("-m", "--model", required=True, help="base model name or path")
+    p.add_argument("--method", required=True, choices=["full", "lora", "qlora", "dpo"])
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="JSONL: messages | prompt/response | Alpaca; DPO: prompt/chosen/rejected",
+    )
+    p.add_argument("--val", type=Path, default=None, help="validation JSONL (default: 5%% of --data)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoints, log.jsonl, loss.png, the adapter")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are an error")
+    p.add_argument("--truncate", action="store_true", help="cut over-long examples instead of refusing them")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["q_proj", "k_proj", "v_proj", "o_proj"],
+        help="module names or a regex",
+    )
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="model cache (default $LMSTACK_HOME or ~/.lmstack)"
+    )
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("collections", help=cmd_collections.__doc__)
     _add_collection_args(p, collection=False)

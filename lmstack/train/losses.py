@@ -56,6 +56,7 @@ def dpo_loss_from_logprobs(
     chosen = beta * (policy_chosen - ref_chosen)
     rejected = beta * (policy_rejected - ref_rejected)
     loss = -F.logsigmoid(chosen - rejected).mean()
+    chosen, rejected = chosen.detach(), rejected.detach()
     metrics = {
         "reward_chosen": float(chosen.mean()),
         "reward_rejected": float(rejected.mean()),

@@ -1,0 +1,1 @@
+"""Thin, copyable entry points that put the layers below together (fine-tuning)."""
