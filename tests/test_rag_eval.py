@@ -36,6 +36,13 @@ def test_exact_match_and_contains():
     assert rag_eval.contains_answer("anything", "the") == 0.0  # a gold answer that normalizes to nothing
 
 
+def test_strip_citations():
+    assert rag_eval.strip_citations("TypeError [1].") == "TypeError."
+    assert rag_eval.strip_citations("Yes [1][2], see os.replace [2, 3]") == "Yes, see os.replace"
+    assert rag_eval.strip_citations("a[b] list[0]") == "a[b] list"  # an index looks like a marker: gone too
+    assert rag_eval.exact_match(rag_eval.strip_citations("TypeError [1]."), "TypeError") == 1.0
+
+
 def test_token_f1():
     # prediction -> cat sat on mat (4 tokens), gold -> cat on mat (3); 3 shared: P = 3/4, R = 1
     assert rag_eval.token_f1("the cat sat on the mat", "cat on mat") == pytest.approx(6 / 7)
