@@ -85,6 +85,8 @@ CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5 (
 """
 
 _JSON_TYPE = {str: "text", int: "integer", float: "real"}
+# what the full-text index holds per record: the heading context (metadata "heading") and the text
+_FTS_TEXT = "coalesce(json_extract(metadata, '$.heading') || char(10), '') || text"
 
 
 def _where_sql(where: Where | None) -> tuple[str, list[Any]]:
@@ -317,7 +319,8 @@ class EmbeddedStore(Store):
                     rows,
                 )
                 self._db.execute(
-                    "INSERT INTO fts (rowid, text) SELECT pos, text FROM records WHERE source = ?", (source,)
+                    f"INSERT INTO fts (rowid, text) SELECT pos, {_FTS_TEXT} FROM records WHERE source = ?",
+                    (source,),
                 )
                 self._db.executemany(
                     'INSERT INTO parents (id, source, text, start, "end") VALUES (?, ?, ?, ?, ?)',
@@ -353,7 +356,8 @@ class EmbeddedStore(Store):
         """Delete a source's rows (inside the caller's transaction); returns their positions."""
         old = [p for (p,) in self._db.execute("SELECT pos FROM records WHERE source = ?", (source,))]
         self._db.execute(
-            "INSERT INTO fts (fts, rowid, text) SELECT 'delete', pos, text FROM records WHERE source = ?",
+            f"INSERT INTO fts (fts, rowid, text) SELECT 'delete', pos, {_FTS_TEXT} FROM records "
+            "WHERE source = ?",
             (source,),
         )
         self._db.execute("DELETE FROM parents WHERE source = ?", (source,))

@@ -84,7 +84,7 @@ def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Scalar]:
     for key, value in (metadata or {}).items():
         if isinstance(value, (list, tuple, set, frozenset)):
             raise StoreError(f"metadata {key!r} must be one string, number or boolean, not a list")
-    reserved = set(out) & {"source", "suffix", "page"}
+    reserved = set(out) & {"source", "suffix", "page", "heading"}
     if reserved:
         raise StoreError(f"metadata key {sorted(reserved)[0]!r} is set by lmstack; pick another name")
     return out
@@ -94,6 +94,27 @@ def fingerprint(path: Path, settings: Mapping[str, Any], metadata: Mapping[str, 
     h = sha256(path.read_bytes())
     h.update(json.dumps([dict(settings), dict(metadata)], sort_keys=True).encode())
     return h.hexdigest()
+
+
+HEADER_TOKENS = 48  # at most this many tokens of heading context go in front of a chunk's searched text
+
+
+def heading_of(heading_path: tuple[str, ...], source: str) -> str:
+    """What a chunk is about beyond its own words: its heading path, or the file name without headings."""
+    return " > ".join(heading_path) if heading_path else Path(source).stem.replace("_", " ")
+
+
+def search_text(record: Record, count: Callable[[str], int] | None = None) -> str:
+    """The text that is embedded (and full-text indexed): the heading path, then the chunk. Chunks of API
+    reference pages rarely repeat the name of what they describe; their headings do. A heading path too
+    long for the embedding window keeps its first and last parts."""
+    header = str(record.metadata.get("heading", ""))
+    if count is not None and header and count(header) > HEADER_TOKENS:
+        parts = header.split(" > ")
+        header = f"{parts[0]} > {parts[-1]}" if len(parts) > 1 else header
+        while header and count(header) > HEADER_TOKENS:
+            header = header[: len(header) * 3 // 4]
+    return f"{header}\n\n{record.text}" if header else record.text
 
 
 def _parents(doc: Document, count: Callable[[str], int], settings: ChunkSettings) -> list[Chunk]:
@@ -118,7 +139,8 @@ def build_records(
             key=lambda p: min(p.end, c.end) - max(p.start, c.start),
             default=None,
         )
-        meta: dict[str, Scalar] = {"source": doc.source, "suffix": suffix, **metadata}
+        heading = heading_of(c.heading_path, doc.source)
+        meta: dict[str, Scalar] = {"source": doc.source, "suffix": suffix, "heading": heading, **metadata}
         if c.page is not None:
             meta["page"] = c.page
         records.append(
@@ -211,7 +233,7 @@ def ingest(
 
     def commit() -> None:
         records = [r for _, _, recs, _ in pending for r in recs]
-        vectors = embedder.embed([r.text for r in records])
+        vectors = embedder.embed([search_text(r, embedder.count_tokens) for r in records])
         i = 0
         for f, fp, recs, parents in pending:
             store.replace_source(str(f), fp, recs, vectors[i : i + len(recs)], parents)

@@ -5,7 +5,7 @@ Per database, one registry table `lmstack_collections(name, dim, info)`; per col
 names are derived from the collection name (`lmstack_<name>_<hash>_records`, `_parents`, `_sources`):
 
     records   id, source, text, start, end, page, heading_path text[], n_tokens, parent_id, metadata jsonb,
-              embedding vector(dim) [HNSW, cosine], tsv = to_tsvector('english', text) [GIN]
+              embedding vector(dim) [HNSW, cosine], tsv = to_tsvector(heading + text) [GIN]
     parents   id, source, text, start, end
     sources   source, fingerprint, n_records
 
@@ -418,7 +418,9 @@ def _create_tables(conn: psycopg.Connection, name: str, dim: int) -> None:
             parent_id text,
             metadata jsonb NOT NULL,
             embedding vector({dim}) NOT NULL,
-            tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED
+            tsv tsvector GENERATED ALWAYS AS (
+                to_tsvector('english', coalesce(metadata->>'heading', '') || ' ' || text)
+            ) STORED
         );
         CREATE INDEX ON {{records}} (source);
         CREATE INDEX ON {{records}} USING gin (tsv);
