@@ -463,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("-k", type=int, default=5, help="sources in the prompt")
     p.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "lexical"])
-    p.add_argument("--min-score", type=float, default=0.25, help="cosine similarity a source needs")
+    p.add_argument(
+        "--min-score", type=float, default=0.40,
+        help="refuse when the best source's cosine similarity is below this",
+    )  # fmt: skip
     p.add_argument("--where", action="append", default=[], help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--mmr", type=float, default=None, help="MMR lambda in [0, 1] for diverse sources")
     p.add_argument("--rerank", action="store_true", help="let the model judge each source's relevance")

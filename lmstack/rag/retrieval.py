@@ -4,9 +4,10 @@ LLM rewriting (before), LLM relevance judging and MMR diversity (after), and sma
     question --(rewrite?)--> queries --dense k'--+
                                     --BM25  k'--+--> RRF --> (judge?) --> (MMR?) --> top k --> parents?
 
-Relevance gate: a hit whose dense cosine similarity to the question is below `min_score` is dropped (a
-lexical-only hit gets its similarity computed from its stored vector), so a question the collection does not
-cover retrieves nothing and the answer step can refuse instead of guessing.
+Relevance gate: when even the best candidate's cosine similarity to the question is below `min_score`, the
+collection does not cover the question: nothing is retrieved and the answer step refuses instead of
+guessing. Past the gate every fused hit stays (a relevant chunk can share few words' meaning with the
+question and still be found by BM25). Every hit reports its cosine similarity, lexical-only ones included.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class RetrievalConfig:
     mode: str = "hybrid"
     candidates: int = 40  # per retriever, before fusion
     rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al.)
-    min_score: float = 0.25  # dense cosine similarity a hit needs to count as relevant; 0 keeps everything
+    min_score: float = 0.40  # the best hit's cosine similarity below this: nothing relevant, retrieve nothing
     where: Where | None = None  # metadata filter
     mmr: float | None = None  # lambda in [0, 1]: 1 = pure relevance; None = no MMR
     rerank: bool = False  # judge the top `rerank_candidates` with the LLM
@@ -151,8 +152,8 @@ def retrieve(
     ids = sorted(fused, key=lambda rid: -fused[rid])
     vectors = store.get_vectors(ids)
     dense = vectors @ qvec  # the question's similarity, also for lexical-only candidates
-    keep = [i for i in range(len(ids)) if dense[i] >= config.min_score]
-    ids, vectors, dense = [ids[i] for i in keep], vectors[keep], dense[keep]
+    if float(dense.max()) < config.min_score:  # nothing in the collection is about this question
+        return []
     records = store.get(ids)
     hits = [
         Hit(rec, fused[rid], float(d), lexical_of.get(rid), ranks=ranks.get(rid, {}))

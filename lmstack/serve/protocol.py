@@ -211,7 +211,7 @@ class RagOptions(_Request):
     mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
     where: dict[str, _Scalar | list[_Scalar]] | None = None
     mmr: float | None = Field(None, ge=0, le=1)
-    min_score: float = Field(0.25, ge=-1, le=1)
+    min_score: float = Field(0.40, ge=-1, le=1)
     small_to_big: bool = False
     rerank: bool = False
     rewrite: bool = False
