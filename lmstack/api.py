@@ -96,6 +96,9 @@ class LLM:
         tok = (
             Tokenizer.from_gguf_metadata(src) if isinstance(src, dict) else Tokenizer.from_pretrained_dir(src)
         )
+        template = Path(adapter) / "chat_template.jinja" if adapter is not None else None
+        if template is not None and template.exists() and tok.chat_template is None:
+            tok.chat_template = template.read_text()  # a base model fine-tuned to chat with this template
         return cls(model, tok, loaded.config, name_or_path, dtype, dev, time.perf_counter() - t0)
 
     # --- numbers -------------------------------------------------------------------------------

@@ -29,7 +29,14 @@ def cmd_models(data_dir: Path | None = None) -> int:
     return 0
 
 
-def _load(model: str, device: str, dtype: str, threads: int | None, data_dir: Path | None):
+def _load(
+    model: str,
+    device: str,
+    dtype: str,
+    threads: int | None,
+    data_dir: Path | None,
+    adapter: Path | None = None,
+):
     import torch
 
     from lmstack.api import LLM
@@ -38,7 +45,7 @@ def _load(model: str, device: str, dtype: str, threads: int | None, data_dir: Pa
         if threads < 1:
             raise ValueError(f"--threads must be >= 1; got {threads}")
         torch.set_num_threads(threads)
-    return LLM.load(model, device=device, dtype=dtype, cache_dir=data_dir)
+    return LLM.load(model, device=device, dtype=dtype, cache_dir=data_dir, adapter=adapter)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,7 +60,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from one prompt; chat-formatted for instruct models unless --raw; streams to stdout."""
-    llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir)
+    llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir, args.adapter)
     chat = False if args.raw else None
     sampling = _sampling(args)
     t0 = time.perf_counter()
@@ -74,7 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat with history; /reset clears it, /exit (or Ctrl-D) leaves."""
-    llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir)
+    llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir, args.adapter)
     if not llm.is_chat_model:
         raise ValueError(
             f"{args.model} has no chat template (a base model); use `lmstack generate -m {args.model} --raw`"
@@ -353,6 +360,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument(
         "--data-dir", type=Path, default=None, help="cache dir (default $LMSTACK_HOME or ~/.lmstack)"
+    )
+    p.add_argument(
+        "--adapter", type=Path, default=None, help="LoRA adapter folder (PEFT format), merged at load"
     )
 
 
