@@ -45,12 +45,14 @@ from lmstack.rag.store import (
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
+EF_SEARCH = 160  # HNSW beam width floor: recall@10 0.92 at 64, 0.96 at 128, 0.97 at 200 (100k chunks)
 EXACT_BELOW = 4096  # rows: below this many candidates a brute-force product is both exact and faster
 
 STOPWORDS = frozenset(
-    """a about an and are as at be been but by can could did do does for from had has have how i if in into
-    is it its me my of on or our should so than that the their them then there these they this to was we
-    were what when where which who why will with would you your""".split()
+    """a about also an and any are as at be been being but by can could did do does doing done each for from
+    get gets had has have how i if in into is it its may me might must my no not of on one or our should so
+    some than that the their them then there these they this to use used uses using was we were what when
+    where which who why will with would you your""".split()
 )
 
 _SCHEMA = """
@@ -418,7 +420,7 @@ class EmbeddedStore(Store):
                 top = np.argsort(-scores, kind="stable")[:k]
                 found = list(zip(self._labels[labels[top]].tolist(), scores[top].tolist(), strict=True))
             else:
-                ef = min(max(64, 2 * k, int(2 * k * len(allowed) / n_allowed)), 2048)
+                ef = min(max(EF_SEARCH, 2 * k, int(2 * k * len(allowed) / n_allowed)), 2048)
                 params_ = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
                 if n_allowed < len(allowed):
                     bits = np.packbits(allowed, bitorder="little")
@@ -439,11 +441,18 @@ class EmbeddedStore(Store):
             return []
         cond, params = _where_sql(where)
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT r.id, -bm25(fts) FROM fts JOIN records r ON r.pos = fts.rowid "
-                f"WHERE fts MATCH ? AND {cond} ORDER BY bm25(fts) LIMIT ?",
-                [match, *params, k],
-            ).fetchall()
+            if where:
+                rows = self._db.execute(
+                    f"SELECT r.id, -fts.rank FROM fts JOIN records r ON r.pos = fts.rowid "
+                    f"WHERE fts MATCH ? AND {cond} ORDER BY fts.rank LIMIT ?",
+                    [match, *params, k],
+                ).fetchall()
+            else:  # rank inside FTS5, then look up only the k winners (no record rows, no blobs, read)
+                rows = self._db.execute(
+                    "SELECT r.id, -top.rank FROM (SELECT rowid, rank FROM fts WHERE fts MATCH ? "
+                    "ORDER BY rank LIMIT ?) AS top JOIN records r ON r.pos = top.rowid ORDER BY top.rank",
+                    [match, k],
+                ).fetchall()
         return [(i, float(s)) for i, s in rows]
 
     def _ids_for(self, found: list[tuple[int, float]]) -> list[tuple[str, float]]:

@@ -154,6 +154,11 @@ def retrieve(
     dense = vectors @ qvec  # the question's similarity, also for lexical-only candidates
     if float(dense.max()) < config.min_score:  # nothing in the collection is about this question
         return []
+    if not config.rerank and config.mmr is None:  # the order is final: read only the records returned
+        keep = (
+            config.k * 4 if config.small_to_big else config.k
+        )  # small-to-big may skip hits sharing a parent
+        ids, vectors, dense = ids[:keep], vectors[:keep], dense[:keep]
     records = store.get(ids)
     hits = [
         Hit(rec, fused[rid], float(d), lexical_of.get(rid), ranks=ranks.get(rid, {}))
