@@ -1,8 +1,9 @@
 """The embedded store: SQLite for everything that must be exact, FAISS HNSW beside it for fast vector search.
 
-    <root>/<collection>/store.sqlite    records, vectors, parents, fingerprints, FTS5 (BM25) index, generation
+    <root>/<collection>/store.sqlite    records, vectors, parents, fingerprints, generation
     <root>/<collection>/hnsw.faiss      HNSW graph over the vectors (label = records.pos), derived data
     <root>/<collection>/hnsw.json       {generation, max_pos} the graph file was saved at
+    <root>/<collection>/bm25/           BM25 sparse index (bm25s) of heading + text, derived data
 
 SQLite is the source of truth and every write is one transaction (WAL mode), so records, full-text index and
 fingerprints never disagree. The HNSW graph is derived: positions only grow (AUTOINCREMENT), a replaced
@@ -12,15 +13,17 @@ it (rebuilding when a third of it is tombstones).
 
 Searches that a filter narrows to a few thousand rows, and small collections, are exact (one matrix-vector
 product over FAISS's own copy of the vectors); the rest walk the graph with a bitmap of live, matching rows.
-Lexical search is SQLite FTS5's BM25 over a porter-stemmed index, with English stopwords dropped from the
-query and the remaining words OR-ed.
+Lexical search is BM25 (bm25s: a sparse term x document matrix, Snowball-stemmed, English stopwords) over
+each record's heading and text. A query costs a few column sums whatever share of the collection its words
+match (SQLite FTS5 scored every match: 150 ms at 100k chunks). Like the graph it is derived: rebuilt from
+SQLite when its generation is behind (`flush`, at the end of every ingest, or the first search after one)
+and saved beside the database.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
@@ -81,14 +84,11 @@ CREATE TABLE IF NOT EXISTS parents (
     "end" INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS parents_source ON parents (source);
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5 (
-    text, content='records', content_rowid='pos', tokenize='porter unicode61'
-);
 """
 
 _JSON_TYPE = {str: "text", int: "integer", float: "real"}
-# what the full-text index holds per record: the heading context (metadata "heading") and the text
-_FTS_TEXT = "coalesce(json_extract(metadata, '$.heading') || char(10), '') || text"
+# what the lexical index holds per record: the heading context (metadata "heading") and the text
+_LEXICAL_TEXT = "coalesce(json_extract(metadata, '$.heading') || char(10), '') || text"
 
 
 def _where_sql(where: Where | None) -> tuple[str, list[Any]]:
@@ -109,10 +109,18 @@ def _where_sql(where: Where | None) -> tuple[str, list[Any]]:
     return (" AND ".join(clauses) or "1"), params
 
 
-def fts_query(text: str) -> str | None:
-    """Words of a free-text question as an FTS5 OR query; None when nothing searchable is left."""
-    words = dict.fromkeys(w for w in re.findall(r"\w+", text.lower()) if w not in STOPWORDS)
-    return " OR ".join(f'"{w}"' for w in words) or None
+def lexical_tokens(texts: list[str]) -> list[list[str]]:
+    """Lowercased, stopword-free, Snowball-stemmed words: the same for documents and queries."""
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenize(
+        texts,
+        stopwords=sorted(STOPWORDS),
+        stemmer=Stemmer.Stemmer("english"),
+        return_ids=False,
+        show_progress=False,
+    )
 
 
 class EmbeddedStore(Store):
@@ -127,6 +135,8 @@ class EmbeddedStore(Store):
         self.dim = int(meta["dim"])
         self.info = json.loads(meta["info"])
         self._lock = threading.RLock()  # one connection, shared by a server's threads
+        self._bm25: tuple[Any, np.ndarray] | None = None
+        self._bm25_gen, self._bm25_dirty = -1, False
         self._graph_path = folder / "hnsw.faiss"
         self._graph_meta = folder / "hnsw.json"
         self._load_graph()
@@ -255,9 +265,13 @@ class EmbeddedStore(Store):
         self._refresh_views()
 
     def flush(self) -> None:
-        """Save the graph (atomically, via rename), first rebuilding it when a third is tombstones."""
+        """Bring the lexical index up to date and save it; save the graph (atomically, via rename), first
+        rebuilding it when a third is tombstones."""
         with self._lock:
             self._sync()
+            if self._generation() != self._bm25_gen and self.count():
+                self._lexical_index()
+            self._save_lexical()
             if not self._dirty:
                 return
             n = self._index.ntotal
@@ -320,10 +334,6 @@ class EmbeddedStore(Store):
                     "parent_id, metadata, vector) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                self._db.execute(
-                    f"INSERT INTO fts (rowid, text) SELECT pos, {_FTS_TEXT} FROM records WHERE source = ?",
-                    (source,),
-                )
                 self._db.executemany(
                     'INSERT INTO parents (id, source, text, start, "end") VALUES (?, ?, ?, ?, ?)',
                     [(p.id, p.source, p.text, p.start, p.end) for p in parents],
@@ -357,11 +367,6 @@ class EmbeddedStore(Store):
     def _delete(self, source: str) -> list[int]:
         """Delete a source's rows (inside the caller's transaction); returns their positions."""
         old = [p for (p,) in self._db.execute("SELECT pos FROM records WHERE source = ?", (source,))]
-        self._db.execute(
-            f"INSERT INTO fts (fts, rowid, text) SELECT 'delete', pos, {_FTS_TEXT} FROM records "
-            "WHERE source = ?",
-            (source,),
-        )
         self._db.execute("DELETE FROM parents WHERE source = ?", (source,))
         self._db.execute("DELETE FROM records WHERE source = ?", (source,))
         return old
@@ -433,27 +438,71 @@ class EmbeddedStore(Store):
                 ]
             return self._ids_for(found)
 
+    def _lexical_index(self) -> tuple[Any, np.ndarray] | None:
+        """(bm25s retriever, record position of each of its documents), current with SQLite; None if empty."""
+        gen = self._generation()
+        if self._bm25_gen == gen:
+            return self._bm25
+        import bm25s
+
+        folder, meta = self.folder / "bm25", self.folder / "bm25.json"
+        try:
+            if json.loads(meta.read_text())["generation"] == gen:
+                index = bm25s.BM25.load(str(folder))
+                self._bm25, self._bm25_gen = (index, np.load(folder / "positions.npy")), gen
+                return self._bm25
+        except (OSError, ValueError, KeyError):
+            pass  # missing, torn or stale: rebuild
+        rows = self._db.execute(f"SELECT pos, {_LEXICAL_TEXT} FROM records ORDER BY pos").fetchall()
+        self._bm25 = None
+        if rows:
+            index = bm25s.BM25()
+            index.index(lexical_tokens([t for _, t in rows]), show_progress=False)
+            self._bm25 = (index, np.fromiter((p for p, _ in rows), np.int64, len(rows)))
+        self._bm25_gen, self._bm25_dirty = gen, True
+        return self._bm25
+
+    def _save_lexical(self) -> None:
+        if not self._bm25_dirty:
+            return
+        folder, meta = self.folder / "bm25", self.folder / "bm25.json"
+        shutil.rmtree(folder, ignore_errors=True)
+        meta.unlink(missing_ok=True)  # the files below are only trusted once meta names their generation
+        if self._bm25 is not None:
+            index, positions = self._bm25
+            index.save(str(folder))
+            np.save(folder / "positions.npy", positions)
+            meta.write_text(json.dumps({"generation": self._bm25_gen}))
+        self._bm25_dirty = False
+
     def lexical_search(self, query: str, k: int, where: Where | None = None) -> list[tuple[str, float]]:
         if k < 0:
             raise StoreError(f"k must be >= 0, got {k}")
-        match = fts_query(query)
-        if match is None or k == 0:
+        if k == 0:
             return []
-        cond, params = _where_sql(where)
         with self._lock:
+            lexical = self._lexical_index()
+            if lexical is None:
+                return []
+            index, positions = lexical
+            words = [w for w in lexical_tokens([query])[0] if w in index.vocab_dict]
+            if not words:
+                return []
+            mask = None
             if where:
-                rows = self._db.execute(
-                    f"SELECT r.id, -fts.rank FROM fts JOIN records r ON r.pos = fts.rowid "
-                    f"WHERE fts MATCH ? AND {cond} ORDER BY fts.rank LIMIT ?",
-                    [match, *params, k],
-                ).fetchall()
-            else:  # rank inside FTS5, then look up only the k winners (no record rows, no blobs, read)
-                rows = self._db.execute(
-                    "SELECT r.id, -top.rank FROM (SELECT rowid, rank FROM fts WHERE fts MATCH ? "
-                    "ORDER BY rank LIMIT ?) AS top JOIN records r ON r.pos = top.rowid ORDER BY top.rank",
-                    [match, k],
-                ).fetchall()
-        return [(i, float(s)) for i, s in rows]
+                cond, params = _where_sql(where)
+                allowed = np.fromiter(
+                    (p for (p,) in self._db.execute(f"SELECT pos FROM records WHERE {cond}", params)),
+                    np.int64,
+                )
+                mask = np.isin(positions, allowed).astype(np.float32)
+                if not mask.any():
+                    return []
+            docs, scores = index.retrieve(
+                [words], k=min(k, len(positions)), show_progress=False, n_threads=1, weight_mask=mask
+            )
+            found = [(int(positions[d]), float(s)) for d, s in zip(docs[0], scores[0], strict=True) if s > 0]
+            return self._ids_for(found)
 
     def _ids_for(self, found: list[tuple[int, float]]) -> list[tuple[str, float]]:
         if not found:
