@@ -33,7 +33,7 @@ class RetrievalConfig:
     k: int = 5  # hits returned
     mode: str = "hybrid"
     candidates: int = 40  # per retriever, before fusion
-    rrf_k: int = 60  # reciprocal rank fusion constant (Cormack et al.)
+    rrf_k: int = 5  # reciprocal rank fusion constant: 60 (Cormack et al.) buried single-retriever rank-1 hits
     min_score: float = 0.40  # the best hit's cosine similarity below this: nothing relevant, retrieve nothing
     where: Where | None = None  # metadata filter
     mmr: float | None = None  # lambda in [0, 1]: 1 = pure relevance; None = no MMR
