@@ -328,7 +328,7 @@ def test_prompt_numbers_and_fences_the_sources(corpus_collection: Collection) ->
     assert sources_of(hits)[0] == "injection.txt"
     sources, messages = prepare("When is the shed painted?", hits)
     system, user = messages[0]["content"], messages[-1]["content"]
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert "PWNED" not in system and "IGNORE" not in system
     assert user.count("</source>") == len(sources)  # the document's own </source> cannot close the fence
     assert user.count('<source id="') == len(sources)
