@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmstack.rag.chunking import Chunk, chunk_document
+from lmstack.rag.chunking import chunk_document
 from lmstack.rag.documents import Document, DocumentError, Skipped, list_files, load_file
 from lmstack.rag.embedder import Embedder
 from lmstack.rag.store import Parent, Record, Scalar, Store, StoreError, check_where
@@ -80,10 +80,10 @@ class IngestReport:
 
 def check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Scalar]:
     """User metadata attached to every chunk of an ingest: plain keys, scalar values."""
-    out = {k: v[0] for k, v in check_where(metadata or {}).items()}
     for key, value in (metadata or {}).items():
         if isinstance(value, (list, tuple, set, frozenset)):
             raise StoreError(f"metadata {key!r} must be one string, number or boolean, not a list")
+    out = {k: v[0] for k, v in check_where(metadata or {}).items()}  # the same key and value rules as filters
     reserved = set(out) & {"source", "suffix", "page", "heading"}
     if reserved:
         raise StoreError(f"metadata key {sorted(reserved)[0]!r} is set by lmstack; pick another name")
@@ -117,16 +117,16 @@ def search_text(record: Record, count: Callable[[str], int] | None = None) -> st
     return f"{header}\n\n{record.text}" if header else record.text
 
 
-def _parents(doc: Document, count: Callable[[str], int], settings: ChunkSettings) -> list[Chunk]:
-    return chunk_document(doc, count, chunk_tokens=settings.parent_tokens, overlap_tokens=0)
-
-
 def build_records(
     doc: Document, count: Callable[[str], int], settings: ChunkSettings, metadata: Mapping[str, Scalar]
 ) -> tuple[list[Record], list[Parent]]:
     """A document's searchable records, each pointing at the parent passage it overlaps most."""
     chunks = chunk_document(doc, count, settings.chunk_tokens, settings.overlap_tokens)
-    parents = _parents(doc, count, settings) if settings.parent_tokens > settings.chunk_tokens else chunks
+    parents = (
+        chunk_document(doc, count, chunk_tokens=settings.parent_tokens, overlap_tokens=0)
+        if settings.parent_tokens > settings.chunk_tokens
+        else chunks
+    )
     suffix = Path(doc.source).suffix.lower()
     records = []
     j = 0
@@ -204,7 +204,8 @@ def ingest(
     todo: list[tuple[Path, str]] = []
     seen: set[str] = set()
     gone: list[str] = []
-    for root in check_allowed(paths, allowed_roots):
+    roots = check_allowed(paths, allowed_roots)
+    for root in roots:
         files, skipped = list_files(root, include, exclude)
         report.skipped += skipped
         for f in files:
@@ -219,10 +220,8 @@ def ingest(
             gone += [s for s in known if s.startswith(prefix) and s not in seen]
 
     # A file named on its own (not found in a folder) that cannot load is an error, before any write.
-    loaded: dict[Path, Document] = {}
-    for f, _ in todo:
-        if any(f == Path(p).expanduser().resolve() for p in paths):
-            loaded[f] = load_file(f)
+    named = {r for r in roots if r.is_file()}
+    loaded = {f: load_file(f) for f, _ in todo if f in named}
     for source in dict.fromkeys(gone):
         store.delete_source(source)
         report.deleted.append(source)

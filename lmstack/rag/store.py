@@ -5,7 +5,7 @@ passages that small-to-big retrieval answers from, and one fingerprint per sourc
 `replace_source`, one transaction per file: a crash or Ctrl-C between two files leaves every file either
 fully old or fully new, never half-written, so re-running an ingest completes it. Backends:
 
-    EmbeddedStore  (lmstack.rag.embedded)  SQLite (records, FTS5 BM25) + FAISS HNSW beside it; no server
+    EmbeddedStore  (lmstack.rag.embedded)  SQLite (records) + FAISS HNSW and bm25s BM25 beside it; no server
     PgVectorStore  (lmstack.rag.pgvector)  PostgreSQL + pgvector HNSW + tsvector full-text search
 
 Both pass tests/test_rag_store_contract.py.
