@@ -12,8 +12,8 @@ fine-tune sees it; `train peak` is reset after the model is set up and covers th
 
 The peer is the same weights: lmstack loads its packaged model and the transformers model
 (LlamaForCausalLM / Qwen2ForCausalLM, SDPA attention) is built on the meta device from a config derived from
-lmstack's and then takes lmstack's tensors under their Hugging Face names (the inverse of
-lmstack.models.hf's mapping), sharing storage, so nothing is downloaded and no second copy exists. Once per
+lmstack's and then takes lmstack's tensors under their Hugging Face names (lmstack.models.export, the inverse
+of lmstack.models.hf's mapping), sharing storage, so nothing is downloaded and no second copy exists. Once per
 model an equivalence check copies lmstack's LoRA matrices into PEFT's and compares the loss before and
 after one optimizer step: the two stacks must agree to 1e-4, so the timings compare the same computation.
 
@@ -95,46 +95,20 @@ def load_lmstack(name: str) -> nn.Module:
 
 
 def hf_config(cfg: Any) -> Any:
-    """The transformers config of an lmstack Llama/Qwen2 config (the inverse of lmstack.models.hf)."""
+    """The transformers config of an lmstack config: the config.json lmstack.models.export writes."""
     import transformers
 
-    if cfg.family not in ("llama", "qwen2") or cfg.layer_types or cfg.rope_scaling != 1.0:
-        raise ValueError(f"{cfg.name}: only plain Llama / Qwen2 layouts have a transformers peer here")
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.dim,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.hd,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_base},
-        tie_word_embeddings=cfg.tie_embeddings,
-        hidden_act="silu",
-        use_cache=False,
-    )
-    if cfg.family == "qwen2":  # q/k/v always carry a bias in Qwen2, o never
-        return transformers.Qwen2Config(**common, use_sliding_window=False)
-    return transformers.LlamaConfig(**common, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    from lmstack.models.export import hf_config_dict
+
+    d = hf_config_dict(cfg)
+    return transformers.AutoConfig.for_model(d.pop("model_type"), **d, use_cache=False)
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """lmstack's tensors under Hugging Face names; the tensors themselves are shared, not copied."""
-    from lmstack.models.hf import LLAMA_LAYER_NAMES, LLAMA_TOP_NAMES
+    from lmstack.models.export import lmstack_to_hf
 
-    layer = {v: k for k, v in LLAMA_LAYER_NAMES.items()} | {"mlp_norm": "post_attention_layernorm"}
-    top = {v: k for k, v in LLAMA_TOP_NAMES.items()}
-    out = {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if name in top:
-            out[top[name]] = t.detach()
-        elif m := re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name):
-            out[f"model.layers.{m[1]}.{layer[m[2]]}.{m[3]}"] = t.detach()
-        else:
-            raise ValueError(f"no Hugging Face name for {name}")
-    return out
+    return lmstack_to_hf({k: t.detach() for k, t in model.state_dict(keep_vars=True).items()}, model.config)
 
 
 def to_transformers(model: nn.Module) -> nn.Module:
@@ -331,13 +305,10 @@ def child(args: argparse.Namespace, one: str, model: str, extra: tuple[str, ...]
 
 def write_hf_folder(name: str, folder: Path) -> None:
     """The float model in Hugging Face format (for transformers' own 4-bit loading), written once."""
-    from transformers.utils import logging
+    from lmstack.models.export import save_hf
 
-    logging.disable_progress_bar()
-    model = load_lmstack(name)
-    hf = to_transformers(model)
-    hf.save_pretrained(folder)
-    del model, hf
+    model: Any = load_lmstack(name)  # a Transformer
+    save_hf(model, None, folder)
     gc.collect()
 
 

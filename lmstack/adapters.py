@@ -145,23 +145,32 @@ def load_adapter(model: nn.Module, path: str | Path, base_model_name: str | None
     `base_model_name_or_path` when both are known, modules this model lacks or leaves uncovered, other
     shapes) is a ValueError and the model stays as it was.
     """
-    if model_family(model) not in HF_FAMILIES:
-        raise ValueError(
-            f"PEFT adapters load into {', '.join(HF_FAMILIES)} models, not {model_family(model)}"
-        )
-    raw = read_adapter_config(path)
-    config = _lora_config(raw, base_model_name)
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers; merge_lora it before loading another adapter")
-    weights_file = Path(path) / WEIGHTS_NAME
-    if not weights_file.exists():
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (lmstack reads safetensors adapters only)")
-    tensors = _lmstack_tensors(model, find_targets(model, config), load_file(str(weights_file)), config.r)
+    config, tensors = read_adapter(model, path, base_model_name)
     names = apply_lora(model, config)
     with torch.no_grad():
         for key, t in tensors.items():
             model.get_parameter(key).copy_(t)
     return names
+
+
+def read_adapter(
+    model: nn.Module, path: str | Path, base_model_name: str | None = None
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The adapter in `path` checked against `model` (as `load_adapter` checks it; the model is not
+    changed and may live on the meta device): its LoraConfig and its tensors in lmstack names
+    ("layers.0.attn.wq.lora_A.weight": (r, K), "...lora_B.weight": (N, r))."""
+    if model_family(model) not in HF_FAMILIES:
+        raise ValueError(
+            f"PEFT adapters load into {', '.join(HF_FAMILIES)} models, not {model_family(model)}"
+        )
+    config = _lora_config(read_adapter_config(path), base_model_name)
+    weights_file = Path(path) / WEIGHTS_NAME
+    if not weights_file.exists():
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (lmstack reads safetensors adapters only)")
+    tensors = _lmstack_tensors(model, find_targets(model, config), load_file(str(weights_file)), config.r)
+    return config, tensors
 
 
 def _model_key(name: str) -> str:

@@ -144,26 +144,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lmstack: warning: serving on {args.host} with no API key (--api-key)", file=sys.stderr)
     if (args.speculative == "draft_model") != (args.draft_model is not None):
         raise ValueError("--speculative draft_model and --draft-model go together")
+    specs = args.model or [DEFAULT_MODEL]
+    loras = _lora_flags(args.lora, len(specs))
+
+    def engine_kwargs() -> dict[str, Any]:
+        # a draft model per engine: each engine has its own thread, and drafting swaps caches in
+        draft = (
+            _load(args.draft_model, args.device, args.dtype, args.threads, args.data_dir)
+            if args.draft_model
+            else None
+        )
+        return dict(
+            max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
+            kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20), speculative=args.speculative,
+            num_speculative_tokens=args.num_speculative_tokens, draft_model=draft.model if draft else None,
+            speculative_max_running=args.speculative_max_running,
+        )  # fmt: skip
+
     models = {}
-    for spec in args.model or [DEFAULT_MODEL]:  # NAME, PATH, or ALIAS=NAME_OR_PATH
+    for spec in specs:  # NAME, PATH, or ALIAS=NAME_OR_PATH
         alias, sep, source = spec.partition("=")
         name = alias if sep else (Path(spec).name if Path(spec).exists() else spec)
         source = source if sep else spec
         if name in models:
             raise ValueError(f"two models are served as {name!r}; name one ALIAS=NAME_OR_PATH")
         llm = _load(source, args.device, args.dtype, args.threads, args.data_dir)
-        # a draft model per served model: each engine has its own thread, and drafting swaps caches in
-        draft = (
-            _load(args.draft_model, args.device, args.dtype, args.threads, args.data_dir)
-            if args.draft_model
-            else None
+        models[name] = ModelEntry.from_llm(name, llm, **engine_kwargs())
+        for flag, (base, adapter, path) in loras.items():  # the adapters share llm's weights
+            if base in (None, name):
+                try:
+                    entry = ModelEntry.from_adapter(name, adapter, llm, path, **engine_kwargs())
+                except ValueError as e:
+                    raise ValueError(f"--lora {flag}: {e}. Pass an adapter trained on {source}.") from e
+                models[entry.name] = entry
+    if unmatched := [f for f, (base, _, _) in loras.items() if base is not None and base not in models]:
+        raise ValueError(
+            f"--lora {unmatched[0]} names a base model that is not served; served: {', '.join(models)}"
         )
-        models[name] = ModelEntry.from_llm(
-            name, llm, max_waiting=args.max_waiting, max_num_seqs=args.max_num_seqs,
-            kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20), speculative=args.speculative,
-            num_speculative_tokens=args.num_speculative_tokens, draft_model=draft.model if draft else None,
-            speculative_max_running=args.speculative_max_running,
-        )  # fmt: skip
     settings = ServerSettings(
         api_keys=frozenset(keys), max_body_bytes=int(args.max_body_mb * 2**20),
         request_timeout_s=args.request_timeout or None, rate_limit_rpm=args.rate_limit_rpm,
@@ -177,6 +194,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     banner = usage_banner(args.host, args.port, next(iter(models)), bool(keys))
     run_server(models, settings, host=args.host, port=args.port, log_level=args.log_level, banner=banner)
     return 0
+
+
+def _lora_flags(flags: list[str], n_models: int) -> dict[str, tuple[str | None, str, Path]]:
+    """--lora NAME=DIR (or BASE:NAME=DIR when several models are served) -> {flag: (BASE, NAME, DIR)},
+    checked before any model loads."""
+    out: dict[str, tuple[str | None, str, Path]] = {}
+    seen: set[tuple[str | None, str]] = set()
+    for flag in flags:
+        key, sep, folder = flag.partition("=")
+        base, colon, name = key.rpartition(":")
+        if not sep or not name or not folder or (colon and not base) or any(c.isspace() for c in key):
+            raise ValueError(f"--lora {flag!r} is not NAME=DIR (e.g. --lora sql=./adapters/sql)")
+        if base == "" and n_models > 1:
+            raise ValueError(f"--lora {flag}: several models are served; name the base as BASE:NAME=DIR")
+        if (base or None, name) in seen:
+            raise ValueError(f"--lora {flag}: two adapters are named {name!r}; give each a different NAME")
+        path = Path(folder)
+        if not (path / "adapter_config.json").is_file():
+            what = "does not exist" if not path.exists() else "has no adapter_config.json"
+            raise ValueError(f"--lora {flag}: {path} {what}; pass a LoRA adapter folder in PEFT format")
+        seen.add((base or None, name))
+        out[flag] = (base or None, name, path)
+    return out
 
 
 def _home(data_dir: Path | None) -> Path:
@@ -308,9 +348,11 @@ def cmd_collections(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune a model on chat JSONL (full, LoRA, QLoRA) or preference JSONL (DPO); resumes from --out."""
+    """Fine-tune a model on chat JSONL (full, LoRA, QLoRA), preference JSONL (DPO, reward model) or prompts
+    (PPO); resumes from --out."""
     from lmstack.recipes.finetune import FinetuneArgs, finetune
     from lmstack.train import TrainConfig
+    from lmstack.train.ppo import PPOConfig
 
     if args.threads is not None:
         import torch
@@ -326,15 +368,34 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             model=args.model, method=args.method, data=args.data, out=args.out, val=args.val,
             max_len=args.max_len, truncate=args.truncate, rank=args.rank, alpha=args.alpha,
             dropout=args.lora_dropout, targets=args.targets, beta=args.beta, train=config,
-            cache_dir=args.data_dir,
+            cache_dir=args.data_dir, reward=args.reward,
+            ppo=PPOConfig(
+                samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                ppo_epochs=args.ppo_epochs, minibatches=args.minibatches, clip=args.clip,
+                kl_coef=args.kl_coef, kl_bound=args.kl_bound,
+            ),
         )
     )  # fmt: skip
+    if args.method == "ppo":
+        rows = [r for r in result.history if "reward" in r]
+        print(f"{result.steps} steps in {result.seconds:.0f} s; mean reward {rows[0]['reward']:.3f} -> "
+              f"{rows[-1]['reward']:.3f}, KL {rows[-1]['kl']:.3f}; outputs in {args.out}")  # fmt: skip
+        return 0
     val = result.val_losses
     print(
         f"{result.steps} steps in {result.seconds:.0f} s; train loss {result.train_losses[-1]:.4f}"
         + (f", validation loss {val[0][1]:.4f} -> {val[-1][1]:.4f}" if val else "")
         + f"; outputs in {args.out}"
     )
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Write a model, with a LoRA adapter merged in, as a Hugging Face checkpoint (transformers reads it)."""
+    from lmstack.recipes.merge import MergeArgs, merge
+
+    out = merge(MergeArgs(args.model, args.out, args.adapter, args.dtype, args.force, args.data_dir))
+    print(f"wrote {out} (model.safetensors {args.dtype}, config.json, tokenizer); load it with -m {out}")
     return 0
 
 
@@ -406,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-dir", type=Path, default=None, help="cache dir (default $LMSTACK_HOME or ~/.lmstack)"
     )
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="NAME=DIR",
+        help="also serve this LoRA adapter (PEFT folder) on the base model's shared weights, as "
+        "model BASE:NAME; repeatable (BASE:NAME=DIR when several models are served)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -490,12 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help=cmd_finetune.__doc__)
     p.add_argument("-m", "--model", required=True, help="base model name or path")
-    p.add_argument("--method", required=True, choices=["full", "lora", "qlora", "dpo"])
+    p.add_argument("--method", required=True, choices=["full", "lora", "qlora", "dpo", "reward", "ppo"])
     p.add_argument(
         "--data",
         type=Path,
         required=True,
-        help="JSONL: messages | prompt/response | Alpaca; DPO: prompt/chosen/rejected",
+        help="JSONL: messages | prompt/response | Alpaca; DPO, reward: prompt/chosen/rejected; PPO: prompt",
     )
     p.add_argument("--val", type=Path, default=None, help="validation JSONL (default: 5%% of --data)")
     p.add_argument("--out", type=Path, required=True, help="checkpoints, log.jsonl, loss.png, the adapter")
@@ -519,6 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="module names or a regex",
     )
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    p.add_argument(
+        "--reward",
+        default=None,
+        help="PPO: length:N | contains:WORD | avoid:WORD | a reward model folder (OUT/reward)",
+    )
+    p.add_argument("--kl-coef", type=float, default=0.05, help="PPO: reward - kl_coef * KL to the reference")
+    p.add_argument(
+        "--kl-bound", type=float, default=None, help="PPO: above this KL a rollout trains on -KL alone"
+    )
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="PPO: responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="PPO: response length limit")
+    p.add_argument("--ppo-epochs", type=int, default=2, help="PPO: passes over each rollout")
+    p.add_argument("--minibatches", type=int, default=2, help="PPO: optimizer steps per pass")
+    p.add_argument("--clip", type=float, default=0.2, help="PPO: clip range of the probability ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None)
@@ -526,6 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, default=None, help="model cache (default $LMSTACK_HOME or ~/.lmstack)"
     )
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help=cmd_merge.__doc__)
+    p.add_argument("-m", "--model", required=True, help="base model name or path (GGUF or HF folder)")
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter folder (PEFT format) to merge")
+    p.add_argument("--out", type=Path, required=True, help="folder for the Hugging Face checkpoint")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype")
+    p.add_argument("--force", action="store_true", help="replace the checkpoint files in a non-empty --out")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="model cache (default $LMSTACK_HOME or ~/.lmstack)"
+    )
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("collections", help=cmd_collections.__doc__)
     _add_collection_args(p, collection=False)

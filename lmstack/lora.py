@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from lmstack.models.hf import LLAMA_LAYER_NAMES, LLAMA_TOP_NAMES
 from lmstack.models.layers import Linear
 from lmstack.nf4 import NF4Linear
+from lmstack.quant import Int8Linear, Q4Linear
+
+QuantLinear = NF4Linear | Int8Linear | Q4Linear  # frozen bases a LoRA wraps unmerged (QLoRA, serving)
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,14 @@ class LoraLinear(nn.Module):
     """A frozen linear plus a trainable low-rank update. `disabled` gives back the base function (DPO's
     reference model without a second copy of the weights); `merge` folds B A into a float base weight."""
 
-    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # at least float32, as PEFT keeps adapters of a bf16/fp16 base: tiny updates survive the optimizer
-        base_dtype = base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
+        base_dtype = base.weight.dtype if isinstance(base, nn.Linear) else _compute_dtype(base)
         dtype = torch.promote_types(base_dtype, torch.float32)
         device = base.weight.device if isinstance(base, nn.Linear) else base.qweight.device
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # (r, K)
@@ -125,6 +128,11 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}, disabled={self.disabled}"
+
+
+def _compute_dtype(base: QuantLinear) -> torch.dtype:
+    """NF4 computes in its `compute_dtype`; int8 and q4 (lmstack.quant, served bases) in the input's."""
+    return base.compute_dtype if isinstance(base, NF4Linear) else torch.float32
 
 
 # --- naming -------------------------------------------------------------------------------------

@@ -151,3 +151,19 @@ def test_reference_logprobs_are_the_adapter_free_model() -> None:
     policy = sequence_logprob(model, batch["input_ids"], batch["labels"])
     torch.testing.assert_close(ref, base.detach())
     assert not torch.allclose(policy, base)
+
+
+def test_labelled_logits_equal_the_full_forward_at_labelled_positions() -> None:
+    from lmstack.train.losses import labelled_logits, token_logprobs
+
+    model = tiny_model().eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE  # a prompt
+    labels[1, 9:] = IGNORE  # padding
+    full = model(ids)[:, :-1]
+    logits, targets, mask = labelled_logits(model, ids, labels)
+    assert torch.allclose(logits, full[mask], atol=1e-5) and torch.equal(targets, labels[:, 1:][mask])
+    picked, _ = token_logprobs(model(ids), labels)
+    assert torch.allclose(sequence_logprob(model, ids, labels), picked.sum(-1), atol=1e-5)

@@ -92,6 +92,11 @@ class Transformer(nn.Module):
         Without a KV cache, input_pos defaults to 0..T-1 (a full forward). With a cache, the new keys
         are written at input_pos and attention reads positions 0..max(input_pos).
         """
+        return self.head(self.forward_hidden(idx, input_pos))  # (B, T, V)
+
+    def forward_hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states (B, T, C) that the LM head reads; a reward model's scalar head
+        reads them too."""
         B, T = idx.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
@@ -118,7 +123,7 @@ class Transformer(nn.Module):
                 )
             else:
                 x = layer(x, rope, input_pos, mask_for, kv_len)
-        return self.head(self.norm(x))  # (B, T, V)
+        return self.norm(x)  # (B, T, C)
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up projections where their modules allow it (quantized inference)."""

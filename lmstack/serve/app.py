@@ -9,11 +9,14 @@ A client that disconnects, or a request past its deadline, aborts its engine req
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from lmstack.engine import AsyncEngine, LLMEngine
 from lmstack.generate.sampling import SamplingParams
+from lmstack.multi_lora import adapter_view
 from lmstack.serve.embeddings import EMBEDDING_MODEL, Embedder, embeddings_response
 from lmstack.serve.guards import Authenticator, ClientDisconnected, RateLimiter, read_body, timed_out, watch
 from lmstack.serve.metrics import Metrics
@@ -69,6 +73,7 @@ class ModelEntry:
     tokenizer: Any
     max_model_len: int  # prompt + completion limit: the context window, or the KV cache if smaller
     created: int = field(default_factory=lambda: int(time.time()))
+    parent: str | None = None  # a LoRA adapter's base model, served as "parent:adapter"
 
     @classmethod
     def from_llm(cls, name: str, llm: Any, *, max_waiting: int = 256, **engine_kwargs: Any) -> ModelEntry:
@@ -76,6 +81,20 @@ class ModelEntry:
         engine = LLMEngine(llm.model, llm.tokenizer, **engine_kwargs)
         max_len = min(llm.config.max_seq_len, engine.capacity_tokens)
         return cls(name, AsyncEngine(engine, max_waiting=max_waiting), llm.tokenizer, max_len)
+
+    @classmethod
+    def from_adapter(cls, parent: str, adapter: str, llm: Any, path: str | Path, **kwargs: Any) -> ModelEntry:
+        """The LoRA adapter in `path` on the weights of `llm` (served as `parent`), served as
+        "parent:adapter" with an engine of its own; the base weights are shared, not copied
+        (lmstack.multi_lora). An adapter that ships a chat template gives a base model one."""
+        view = dataclasses.replace(llm, model=adapter_view(llm.model, path, base_model_name=llm.name))
+        template = Path(path) / "chat_template.jinja"
+        if template.exists() and llm.tokenizer.chat_template is None:
+            view.tokenizer = copy.copy(llm.tokenizer)
+            view.tokenizer.chat_template = template.read_text()
+        entry = cls.from_llm(f"{parent}:{adapter}", view, **kwargs)
+        entry.parent = parent
+        return entry
 
     @property
     def is_chat(self) -> bool:
@@ -142,16 +161,19 @@ class _Service:
         entry = self.models.get(name)
         if entry is not None:
             return entry
+        bare = [e for e in self.models.values() if e.parent is not None and e.name == f"{e.parent}:{name}"]
+        if len(bare) == 1:  # vLLM's style: an adapter by its own name, when only one base has it
+            return bare[0]
         available = ", ".join(sorted(self.models))
         base, sep, adapter = name.partition(":")
-        if sep and base in self.models:  # the seam for LoRA adapters: "base:adapter"
+        if sep and base in self.models:  # "base:adapter", an adapter this server was not started with
+            adapters = ", ".join(sorted(e.name for e in self.models.values() if e.parent == base))
+            served = f"Adapters of `{base}`: {adapters}." if adapters else "It is served without adapters."
             raise APIError(
-                404,
-                f"The model `{name}` names LoRA adapter `{adapter}` of `{base}`, but this server does not "
-                f"serve LoRA adapters yet. Available models: {available}.",
-                param="model",
-                code="model_not_found",
-            )
+                404, f"The model `{name}` names LoRA adapter `{adapter}` of `{base}`, which is not served. "
+                f"{served} Start the server with --lora NAME=DIR to serve one.",
+                param="model", code="model_not_found",
+            )  # fmt: skip
         raise APIError(
             404,
             f"The model `{name}` does not exist or you do not have access to it. "
@@ -162,7 +184,7 @@ class _Service:
 
     def model_cards(self) -> list[dict[str, Any]]:
         cards = [
-            {"id": e.name, "object": "model", "created": e.created, "owned_by": "lmstack"}
+            {"id": e.name, "object": "model", "created": e.created, "owned_by": "lmstack", "parent": e.parent}
             for e in self.models.values()
         ]
         if self.embedder is not None and self.embedder.available:

@@ -7,6 +7,9 @@
         clip; lr = warmup + cosine(step); AdamW step
         log (JSONL + progress bar); every eval_every: validation loss; every save_every: checkpoint
 
+`stream` may turn the stream of data batches into the batches the loss sees: PPO turns each batch of
+prompts into a rollout with the current model and yields its minibatches, several epochs over them.
+
 A checkpoint holds the trainable parameters, the optimizer, the step, the position in the data order and
 every RNG state, so a resumed run continues bit for bit where the interrupted one stopped (a test checks
 the loss curves match). Resuming with another configuration is refused, naming the field that differs.
@@ -35,6 +38,7 @@ from tqdm import tqdm
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 Collate = Callable[[list[Any]], Batch]
+Stream = Callable[[Iterator[Batch]], Iterator[Batch]]
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,9 @@ class BatchOrder:
         self.data, self.batch_size, self.seed, self.collate = data, batch_size, seed, collate
         self.epoch, self.index = 0, 0
         self._order = self._permutation()
+
+    def __iter__(self) -> BatchOrder:
+        return self
 
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -286,6 +293,7 @@ def train(
     stop_after: int | None = None,  # stop (as if interrupted) after this many steps of this run (tests)
     progress: bool = True,
     memory_limit: int | None = None,  # bytes; default: what the machine has available
+    stream: Stream | None = None,  # data batches -> loss batches (PPO: prompts -> rollout minibatches)
 ) -> TrainResult:
     config = config.check()
     out = Path(out_dir)
@@ -310,6 +318,7 @@ def train(
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
 
     order = BatchOrder(train_data, config.batch_size, config.seed, collate)
+    batches = stream(order) if stream is not None else order  # a stream pulls from `order` lazily
     steps_per_epoch = math.ceil(len(train_data) / (config.batch_size * config.grad_accum))
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     decay = [p for p in params.values() if p.ndim >= 2]
@@ -350,7 +359,7 @@ def train(
             t_step = time.perf_counter()
             tokens, loss_sum, metrics_sum = 0, 0.0, dict[str, float]()
             for _ in range(config.grad_accum):
-                batch = next(order)
+                batch = next(batches)
                 with _autocast(model, config.precision):
                     loss, metrics = loss_fn(model, batch)
                 (loss / config.grad_accum).backward()
