@@ -73,13 +73,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--reward", default="length:12")
-    p.add_argument("--rollouts", type=int, default=12)
+    p.add_argument("--rollouts", type=int, default=14)
     p.add_argument("--prompts-per-rollout", type=int, default=4)
     p.add_argument("--k", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--kl-bound", type=float, default=4.0, help="nats per response")
+    p.add_argument("--kl-coef", type=float, default=0.2)
+    p.add_argument("--kl-bound", type=float, default=5.0, help="nats per response")
     p.add_argument("--held-out", type=int, default=8, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 beats 2 on shared cores (no spin-waits)")
@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # LoRA's initialisation happens before the loop seeds itself
     t0 = time.perf_counter()
 
     n_train = args.rollouts * args.prompts_per_rollout

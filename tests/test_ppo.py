@@ -24,6 +24,7 @@ from lmstack.train.ppo import (
     advantages,
     builtin_reward,
     clipped_surrogate,
+    kl_coefficient,
     ppo_loss_fn,
     ppo_stream,
     rollout,
@@ -160,7 +161,16 @@ def test_over_the_kl_bound_the_reward_is_dropped(tiny_checkpoint: Path) -> None:
     with torch.no_grad(), disable_adapters(llm.model):
         ref, _ = token_logprobs(llm.model(batch["input_ids"]), batch["labels"])
     kl = ((batch["old_logprobs"] - ref) * labelled).sum(-1)
-    assert torch.allclose(batch["advantages"], advantages(-0.1 * kl, 2, normalize=False), atol=1e-5)
+    assert torch.allclose(batch["advantages"], advantages(-kl, 2, normalize=False), atol=1e-5)
+
+
+def test_the_kl_coefficient_grows_as_a_barrier_near_the_bound() -> None:
+    assert kl_coefficient(3.0, PPOConfig(kl_coef=0.1)) == 0.1  # no bound: fixed
+    bounded = PPOConfig(kl_coef=0.1, kl_bound=4.0)
+    assert kl_coefficient(-0.5, bounded) == 0.1  # a negative estimate counts as no KL
+    assert kl_coefficient(2.0, bounded) == pytest.approx(0.2)  # 0.1 * 4 / (4 - 2)
+    assert kl_coefficient(3.0, bounded) == pytest.approx(0.4)
+    assert kl_coefficient(4.0, bounded) == float("inf")
 
 
 def token_share(samples: list[Sample]) -> list[float]:

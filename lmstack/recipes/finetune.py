@@ -54,6 +54,7 @@ from lmstack.train.ppo import (
 from lmstack.train.reward_model import (
     RewardModel,
     RewardScorer,
+    check_base,
     load_reward_model,
     read_reward_config,
     reward_loss,
@@ -261,16 +262,10 @@ def load_reward_scorer(
 ) -> RewardScorer:
     """The reward model in `path` as a function (prompts as messages, responses) -> scores. `model`: the
     base model it must have been trained on (default: the one its reward.json names)."""
-    meta = read_reward_config(path)
-    base = model or meta["base_model"]
+    base = model or read_reward_config(path)["base_model"]
+    check_base(path, base)  # before loading anything
     llm = LLM.load(base, device="cpu", cache_dir=cache_dir)
-    try:
-        reward_model = load_reward_model(path, llm.model, base)
-    except ValueError as error:
-        raise ValueError(
-            f"the reward model in {path} does not fit {base!r}: {error}; train one on {base!r} "
-            "with lmstack finetune --method reward"
-        ) from None
+    reward_model = load_reward_model(path, llm.model, base)
     template = (Path(path) / "chat_template.jinja").read_text()
     return RewardScorer(reward_model, llm.tokenizer, template)
 

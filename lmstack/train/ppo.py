@@ -4,7 +4,7 @@ KL penalty to the reference, run by the one training loop through its `stream` h
     each batch of prompts (the loop's data batch):
         rollout   sample k responses per prompt from the policy (LoRA on), temperature 1
                   score them: reward r; per-token KL to the reference (same weights, adapters disabled)
-                  s_i = r_i - kl_coef * KL_i                      (KL_i summed over the response's tokens)
+                  s_i = r_i - beta * KL_i                         (KL_i summed over the response's tokens)
                   A_i = s_i - mean of the other k-1 scores of its prompt, then / std over the rollout
         update    ppo_epochs passes, each in `minibatches` optimizer steps (one loop step each), of the
                   clipped surrogate  -min(rho A, clip(rho, 1 - eps, 1 + eps) A),  rho = pi / pi_old per token,
@@ -15,8 +15,10 @@ No value head: the baseline is the leave-one-out mean of the prompt's other samp
 by its tokens. The clipped ratio keeps several minibatch epochs per rollout from moving the policy far.
 
 The KL estimate per token is log pi_old(y_t) - log ref(y_t) at the sampled token (an unbiased estimate of
-KL(pi || ref) summed over the response). `kl_bound` is a hard limit: a rollout whose mean KL passes it
-drops the reward from its scores, so its update only pulls the policy back toward the reference.
+KL(pi || ref) summed over the response). beta is `kl_coef`, or with a `kl_bound` B a barrier that
+needs no state to checkpoint: beta = kl_coef * B / (B - KL) for the rollout's mean KL, growing without
+limit as the KL nears the bound; a rollout past it drops the reward from its scores (s_i = -KL_i), so its
+update only pulls the policy back toward the reference.
 
 The policy runs without dropout both when sampling and in the loss, so rho compares one function at two
 parameter values. Letters: N responses in a rollout, T tokens, k responses per prompt.
@@ -54,7 +56,7 @@ class PPOConfig:
     minibatches: int = 2  # optimizer steps per pass
     clip: float = 0.2  # epsilon of the clipped ratio
     kl_coef: float = 0.05  # reward - kl_coef * KL(policy || reference), per response
-    kl_bound: float | None = None  # nats per response; a rollout above it trains on -KL alone
+    kl_bound: float | None = None  # nats per response: the penalty grows near it, past it only -KL counts
     normalize: bool = True  # divide advantages by their std over the rollout
 
     def check(self) -> PPOConfig:
@@ -192,6 +194,16 @@ def advantages(scores: torch.Tensor, k: int, normalize: bool = True) -> torch.Te
     return adv
 
 
+def kl_coefficient(mean_kl: float, config: PPOConfig) -> float:
+    """beta for a rollout whose responses average `mean_kl` nats: kl_coef without a bound, else the barrier
+    kl_coef * B / (B - KL), infinite at and past the bound B."""
+    if config.kl_bound is None or mean_kl <= 0:
+        return config.kl_coef
+    if mean_kl >= config.kl_bound:
+        return math.inf
+    return config.kl_coef * config.kl_bound / (config.kl_bound - mean_kl)
+
+
 def rollout(
     model: Transformer,
     prompts: Sequence[PromptExample],
@@ -222,8 +234,9 @@ def rollout(
     finally:
         model.train(was)
     kl = (old - ref).sum(-1)  # (N,) nats per response; both are 0 off the response
-    over = config.kl_bound is not None and float(kl.mean()) > config.kl_bound
-    scores = (0.0 if over else rewards) - config.kl_coef * kl
+    beta = kl_coefficient(float(kl.mean()), config)
+    over = math.isinf(beta)
+    scores = -kl if over else rewards - beta * kl
     batch["old_logprobs"] = old
     batch["advantages"] = advantages(scores, config.samples_per_prompt, config.normalize)
     batch["stats"] = {
@@ -231,6 +244,7 @@ def rollout(
         "kl": float(kl.mean()),
         "response_tokens": float(mask.sum(-1).float().mean()),
         "finished": sum(s.finished for s in samples) / len(samples),
+        "kl_coef": beta if not over else -1.0,  # -1: past the bound
         "over_kl_bound": float(over),
     }
     batch["samples"] = samples

@@ -112,16 +112,32 @@ def read_reward_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_base(path: str | Path, base_model: str) -> dict[str, Any]:
+    """reward.json, if the folder was trained on `base_model` (a path to its folder or GGUF file and the
+    bare name count as the same model, as in lmstack.adapters); else a ValueError saying what to do."""
+    meta = read_reward_config(path)
+
+    def key(name: str) -> str:
+        return Path(str(name).rstrip("/")).name.lower().removesuffix(".gguf")
+
+    if key(meta["base_model"]) != key(base_model):
+        raise ValueError(
+            f"the reward model in {path} was trained on {meta['base_model']!r}, not on {base_model!r}; "
+            f"train one on it with `lmstack finetune -m {base_model} --method reward`"
+        )
+    return meta
+
+
 def load_reward_model(path: str | Path, backbone: Transformer, base_model: str) -> RewardModel:
     """The reward model in `path` on `backbone` (loaded from `base_model`, modified in place), frozen, in
     eval mode. A folder trained on another base model is refused before anything changes."""
-    meta = read_reward_config(path)
+    meta = check_base(path, base_model)
     if meta["dim"] != backbone.config.dim:
         raise ValueError(
-            f"the reward model in {path} has a head of width {meta['dim']}, the model "
-            f"{base_model!r} has width {backbone.config.dim}: it was trained on {meta['base_model']!r}"
+            f"the reward model in {path} has a head of width {meta['dim']}, {base_model!r} has width "
+            f"{backbone.config.dim}; is {base_model!r} the model it was trained on?"
         )
-    load_adapter(backbone, path, base_model_name=base_model)  # checks the base name and every shape
+    load_adapter(backbone, path, base_model_name=base_model)  # checks every shape
     model = RewardModel(backbone)
     model.score.load_state_dict(load_file(str(Path(path) / HEAD_NAME)))
     return model.requires_grad_(False).eval()
