@@ -87,7 +87,7 @@ class Recipe:
 
 GEMMA = Recipe("gemma-3-270m", "lora", 50, 8, lr=1e-3, max_len=128, rank=16, alpha=32, eval_every=25)
 QWEN = Recipe("qwen2.5-coder-0.5b-instruct", "lora", 60, 4, lr=5e-4, max_len=160, eval_every=30)
-DPO = Recipe("smollm2-135m-instruct", "dpo", steps=150, batch_size=8, lr=5e-4, max_len=160, beta=0.1)
+DPO = Recipe("smollm2-135m-instruct", "dpo", 60, 8, lr=5e-4, max_len=160, eval_every=30, beta=0.1)
 JSON_KEYS = ("topic", "answer")
 JSON_SYSTEM = (
     'Answer with one JSON object and nothing else, with exactly two string keys: "topic" (one or two words '

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def held_out_stats(args: argparse.Namespace, adapter: Path, held_out: list[str])
                 batch = rollout(llm.model, prompts, reward_fn, tok, config)
         else:
             batch = rollout(llm.model, prompts, reward_fn, tok, config)
-        out[name] = {k: round(v, 4) for k, v in batch["stats"].items() if k != "over_kl_bound"}
+        out[name] = {
+            k: round(v, 4) for k, v in batch["stats"].items() if k not in ("over_kl_bound", "kl_coef")
+        }
         out[name]["examples"] = [s.text for s in batch["samples"][:: args.k][:4]]
     return out
 
@@ -78,7 +81,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--kl-coef", type=float, default=0.2)
+    p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--kl-bound", type=float, default=5.0, help="nats per response")
     p.add_argument("--held-out", type=int, default=8, help="held-out prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +104,7 @@ def main() -> None:
     config = TrainConfig(max_steps=args.rollouts * ppo.steps_per_rollout, lr=args.lr, warmup_steps=2,
                          batch_size=args.prompts_per_rollout, save_every=0, seed=args.seed)  # fmt: skip
     out = args.work / "run"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last one
     result = finetune(
         FinetuneArgs(model=args.model, method="ppo", data=data, out=out, reward=args.reward, ppo=ppo,
                      train=config, rank=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj"],

@@ -591,9 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PPO: length:N | contains:WORD | avoid:WORD | a reward model folder (OUT/reward)",
     )
     p.add_argument("--kl-coef", type=float, default=0.05, help="PPO: reward - kl_coef * KL to the reference")
-    p.add_argument(
-        "--kl-bound", type=float, default=None, help="PPO: above this KL a rollout trains on -KL alone"
-    )
+    p.add_argument("--kl-bound", type=float, default=None, help="PPO: KL limit (penalty grows near it)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="PPO: responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32, help="PPO: response length limit")
     p.add_argument("--ppo-epochs", type=int, default=2, help="PPO: passes over each rollout")
