@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
+from lmstack.data.prompts import prompt_messages
 from lmstack.data.sft import (
     IGNORE,
     Example,
     Messages,
     check_lengths,
-    check_messages,
     cut,
     json_type,
     read_jsonl,
@@ -50,13 +50,7 @@ def to_preference_pair(record: dict[str, Any], where: str) -> PreferencePair:
             f"{where}: missing {', '.join(repr(k) for k in missing)} "
             f"(keys: {', '.join(sorted(record)) or 'none'}); a preference record is {SHAPE}"
         )
-    prompt = record["prompt"]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = check_messages(prompt, where, key="prompt")
-        if messages[-1]["role"] != "user":
-            raise ValueError(f"{where}: the prompt must end with a user message (the responses answer it)")
+    messages = prompt_messages(record["prompt"], where, "the responses")
     chosen, rejected = _response(record, "chosen", where), _response(record, "rejected", where)
     if chosen == rejected:
         raise ValueError(f"{where}: chosen and rejected are the same text, which teaches nothing")

@@ -18,19 +18,26 @@ from lmstack.tokenizer import Tokenizer
 SHAPE = '{"prompt": "..." or [messages]} or {"messages": [...]}'
 
 
+def prompt_messages(value: Any, where: str, answered_by: str) -> Messages:
+    """A record's "prompt": a string (one user turn) or a message list that ends with a user turn."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    messages = check_messages(value, where, key="prompt")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"{where}: the prompt must end with a user message ({answered_by} answers it)")
+    return messages
+
+
 def to_prompt(record: dict[str, Any], where: str) -> Messages:
     if "prompt" in record:
-        value = record["prompt"]
-        messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
-        messages = check_messages(messages, where, key="prompt")
-    elif "messages" in record:
-        messages = check_messages(record["messages"], where)
-        if messages[-1]["role"] == "assistant":
-            messages = messages[:-1]  # the policy writes its own answer
-    else:
+        return prompt_messages(record["prompt"], where, "the policy")
+    if "messages" not in record:
         raise ValueError(
             f"{where}: no 'prompt' or 'messages' (keys: {', '.join(sorted(record))}); use {SHAPE}"
         )
+    messages = check_messages(record["messages"], where)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]  # the policy writes its own answer
     if not messages or messages[-1]["role"] != "user":
         raise ValueError(f"{where}: the prompt must end with a user message (the policy answers it)")
     return messages
