@@ -20,10 +20,11 @@ after one optimizer step: the two stacks must agree to 1e-4, so the timings comp
     .venv/bin/python bench/finetune.py --threads 2 --batch 4 --seq 256 --steps 10 --warmup 2 \
         --json bench/results/finetune.json
 
-Configurations: lmstack-lora, peft-lora, lmstack-qlora (NF4 base, lmstack.nf4, quantized after loading as
-`lmstack finetune --method qlora` does), and peft-qlora where bitsandbytes is importable (no lmstack or bench
-dependency; its CPU build works): transformers loads a Hugging Face folder written from the same tensors into
-a temporary directory with BitsAndBytesConfig NF4 + double quantization, as a QLoRA user would.
+Configurations: lmstack-lora, peft-lora, lmstack-qlora (NF4 base, lmstack.nf4, each linear layer quantized
+as it loads, as `lmstack finetune --method qlora` does), and peft-qlora where bitsandbytes is importable (no
+lmstack or bench dependency; its CPU build works): transformers loads a Hugging Face folder written from the
+same tensors into a temporary directory with BitsAndBytesConfig NF4 + double quantization, as a QLoRA user
+would. `--checkpointing 1` turns on gradient checkpointing in every configuration alike.
 Targets (issue #5): lmstack LoRA <= 0.8x PEFT LoRA in step time and in peak memory; QLoRA peak <= 0.6x LoRA's.
 """
 
@@ -48,7 +49,9 @@ from torch import nn
 
 CONFIGS = ("lmstack-lora", "peft-lora", "lmstack-qlora", "peft-qlora")
 HF_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-SHARED_ARGS = ("batch", "seq", "steps", "warmup", "threads", "rank", "alpha", "targets", "seed")
+SHARED_ARGS = (
+    "batch", "seq", "steps", "warmup", "threads", "rank", "alpha", "targets", "seed", "checkpointing",
+)  # fmt: skip
 MIB = 2**20
 
 
@@ -86,12 +89,15 @@ def reset_peak() -> bool:
 
 
 # --- the models ---------------------------------------------------------------------------------------------
-def load_lmstack(name: str) -> nn.Module:
-    """The packaged model's float32 weights, without a tokenizer (the same loader for every configuration)."""
+def load_lmstack(name: str, nf4: bool = False) -> nn.Module:
+    """The packaged model's float32 weights, without a tokenizer (the same loader for every configuration);
+    `nf4`: each linear layer quantized to NF4 as it loads, as `lmstack finetune --method qlora` loads it."""
     from lmstack.api import default_home
     from lmstack.hub import load_model
+    from lmstack.nf4 import nf4_swap
 
-    return load_model(name, device="cpu", dtype=torch.float32, cache_dir=default_home()).model.train()
+    swap = nf4_swap() if nf4 else None
+    return load_model(name, dtype=torch.float32, cache_dir=default_home(), linear_swap=swap).model.train()
 
 
 def hf_config(cfg: Any) -> Any:
@@ -163,13 +169,11 @@ def hf_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def setup(config: str, name: str, args: argparse.Namespace) -> tuple[nn.Module, Any, int]:
     """(trainable model, loss function, bytes of the frozen base weights) for one configuration."""
-    from lmstack.nf4 import quantize_model_nf4, stored_bytes
+    from lmstack.nf4 import stored_bytes
 
     if config == "peft-qlora":
         return setup_peft_qlora(name, args)
-    model = load_lmstack(name)
-    if config == "lmstack-qlora":
-        quantize_model_nf4(model)
+    model = load_lmstack(name, nf4=config == "lmstack-qlora")
     if config == "peft-lora":
         hf = to_transformers(model)
         del model
@@ -231,6 +235,11 @@ def run_one(config: str, name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model, loss_fn, base_bytes = setup(config, name, args)
+    if args.checkpointing:  # every row alike: recompute each block in backward, keep only block inputs
+        if config.startswith("peft"):
+            model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing = True
     setup_s = time.perf_counter() - t0
     gc.collect()
     ids = token_batch(model.config.vocab_size, args)  # lmstack's ModelConfig or the transformers config
@@ -255,6 +264,7 @@ def run_one(config: str, name: str, args: argparse.Namespace) -> dict:
         "weights_mib": base_bytes / MIB,
         "trainable_params": trainable,
         "setup_s": setup_s,
+        "checkpointing": bool(args.checkpointing),
     }
 
 
@@ -415,6 +425,10 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--targets", default=HF_TARGETS, help="LoRA target modules (Hugging Face names)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--checkpointing", type=int, choices=(0, 1), default=0,
+        help="1: gradient checkpointing in every configuration (the QLoRA recipe's setting)",
+    )  # fmt: skip
     ap.add_argument("--skip-check", action="store_true", help="skip the lmstack == PEFT loss check")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--one", choices=[*CONFIGS, "equivalence"], help=argparse.SUPPRESS)  # subprocess mode
@@ -430,7 +444,8 @@ def main() -> None:
 
     print(
         f"batch {args.batch}  seq {args.seq}  steps {args.steps} (+{args.warmup} warm-up)  "
-        f"threads {args.threads}  float32 CPU\nLoRA rank {args.rank}  alpha {args.alpha:g}  on {args.targets}"
+        f"threads {args.threads}  float32 CPU  gradient checkpointing {'on' if args.checkpointing else 'off'}"
+        f"\nLoRA rank {args.rank}  alpha {args.alpha:g}  on {args.targets}"
     )
     rows, checks = [], []
     for name in args.models.split(","):
@@ -442,7 +457,8 @@ def main() -> None:
     print()
     targets = verdicts(rows)
     if args.json:
-        meta = {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "threads", "rank", "alpha")}
+        keys = ("batch", "seq", "steps", "warmup", "threads", "rank", "alpha", "checkpointing")
+        meta = {k: getattr(args, k) for k in keys}
         meta |= {"targets": args.targets, "torch": torch.__version__}
         meta["machine"] = platform.processor() or platform.machine()
         for lib in ("transformers", "peft", "bitsandbytes"):

@@ -21,7 +21,7 @@ from lmstack.models.transformer import Transformer
 from lmstack.tokenizer import Tokenizer
 
 DType = Literal["float32", "bfloat16", "int8", "q4"]
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "q4")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "int8", "q4", "nf4")
 Messages = Sequence[dict[str, Any]]
 
 
@@ -69,17 +69,34 @@ class LLM:
         """Resolve a model (local path, installed weights package, or the HF hub) and load it.
 
         `adapter`: a LoRA adapter folder in PEFT's format (lmstack's or PEFT's), merged into the float
-        weights before any quantization, so it costs nothing at inference."""
+        weights before any quantization, so it costs nothing at inference.
+
+        `dtype="nf4"` is QLoRA's frozen 4-bit base (lmstack.nf4): each linear layer is quantized as it
+        loads, so the float model is never resident as a whole; an adapter then stays unmerged on top, as
+        it was trained. Made for training: inference dequantizes every call (int8/q4 are the fast ones)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         dev = pick_device(device)
         t0 = time.perf_counter()
         float_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        swap = None
+        if dtype == "nf4":
+            from lmstack.nf4 import nf4_swap
+
+            swap = nf4_swap()
         loaded = load_model(
-            name_or_path, device=dev, dtype=float_dtype, cache_dir=Path(cache_dir or default_home())
+            name_or_path,
+            device=dev,
+            dtype=float_dtype,
+            cache_dir=Path(cache_dir or default_home()),
+            linear_swap=swap,
         )
         model = loaded.model.eval()
-        if adapter is not None:
+        if adapter is not None and dtype == "nf4":
+            from lmstack.adapters import load_adapter
+
+            load_adapter(model, adapter, base_model_name=name_or_path)
+        elif adapter is not None:
             from lmstack.adapters import load_adapter
             from lmstack.lora import merge_lora
 

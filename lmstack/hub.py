@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from lmstack.config import ModelConfig
+    from lmstack.models.loading import LinearSwap
     from lmstack.models.transformer import Transformer
 
 
@@ -346,8 +347,12 @@ def load_model(
     cache_dir: Path,
     registry: dict[str, KnownModel] = KNOWN_MODELS,
     allow_download: bool = True,
+    linear_swap: LinearSwap | None = None,
 ) -> LoadedModel:
-    """Resolve a name or path and load it; GGUF conversions are cached under `cache_dir/converted`."""
+    """Resolve a name or path and load it; GGUF conversions are cached under `cache_dir/converted`.
+
+    `linear_swap` replaces linear layers while loading (`lmstack.nf4.nf4_swap`: a 4-bit QLoRA base that
+    never holds the whole float model in memory)."""
     import torch
 
     from lmstack.models.gguf import load_gguf
@@ -358,8 +363,8 @@ def load_model(
     name = resolved.entry.config_name if resolved.entry else None
     if resolved.kind == "gguf":
         model, config, meta = load_gguf(
-            resolved.path, device, dtype, Path(cache_dir) / "converted", name=name
+            resolved.path, device, dtype, Path(cache_dir) / "converted", name=name, linear_swap=linear_swap
         )
         return LoadedModel(model, config, meta, resolved)
-    model, config = load_hf(resolved.path, device, dtype, name=name)
+    model, config = load_hf(resolved.path, device, dtype, name=name, linear_swap=linear_swap)
     return LoadedModel(model, config, resolved.path, resolved)

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +84,8 @@ class LoraLinear(nn.Module):
         self.train(base.training)  # an adapter put into an eval model must not start dropping out
 
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
+        if self._fused_training_path(x):
+            return _LoraFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self)
         y = self.base(x)
         if self.merged:
             if self.disabled:
@@ -93,6 +95,18 @@ class LoraLinear(nn.Module):
             return y
         h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
         return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+
+    def _fused_training_path(self, x: Tensor) -> bool:
+        """Training through `_LoraFunction`: with grad on, an active adapter without dropout, over a float
+        base of x's dtype or an NF4 base (QLoRA)."""
+        if not torch.is_grad_enabled() or self.merged or self.disabled:
+            return False
+        if isinstance(self.dropout, nn.Dropout):
+            return False
+        if x.dtype != self.lora_A.weight.dtype:
+            return False
+        base = self.base
+        return isinstance(base, NF4Linear) or (isinstance(base, nn.Linear) and base.weight.dtype == x.dtype)
 
     def delta_weight(self) -> Tensor:
         """(alpha / r) B A: what merging adds to the base weight, (N, K) float32."""
@@ -128,6 +142,51 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}, disabled={self.disabled}"
+
+
+class _LoraFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T as one autograd node that keeps only x and h = x A^T (..., r).
+
+    Composed of modules, autograd also keeps what the frozen base and the two small matmuls save on their
+    own (the base keeps its input, an NF4 base its dequantized weight, B keeps h, the scaling its product):
+    per layer about twice the activations this needs. The frozen W gets no gradient; an NF4 W is
+    dequantized again in backward rather than kept."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a: Tensor, b: Tensor, layer: LoraLinear) -> Tensor:  # type: ignore[override]
+        base, s = layer.base, layer.scaling
+        w: Tensor
+        bias: Tensor | None
+        if isinstance(base, NF4Linear):
+            w, bias = base.dequantize().to(x.dtype), base.bias_as(x.dtype)
+        else:
+            w, bias = cast(Tensor, base.weight), cast(Tensor | None, base.bias)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        h = x2 @ a.T  # (M, r)
+        y = (h @ b.T).mul_(s)  # (M, N)
+        if bias is not None:
+            y += bias
+        y.addmm_(x2, w.T)  # + x W^T
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.layer = layer
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x2, h, a, b = ctx.saved_tensors
+        layer = ctx.layer
+        base, s = layer.base, layer.scaling
+        g = grad.reshape(-1, grad.shape[-1])  # (M, N)
+        gh = (g @ b).mul_(s)  # (M, r): d loss / d h
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            w = base.dequantize().to(g.dtype) if isinstance(base, NF4Linear) else base.weight
+            grad_x = torch.addmm(gh @ a, g, w).view(*grad.shape[:-1], x2.shape[1])  # g W + gh A
+        if ctx.needs_input_grad[1]:
+            grad_a = gh.T @ x2  # (r, K)
+        if ctx.needs_input_grad[2]:
+            grad_b = (g.T @ h).mul_(s)  # (N, r)
+        return grad_x, grad_a, grad_b, None
 
 
 def _compute_dtype(base: QuantLinear) -> torch.dtype:

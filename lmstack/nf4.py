@@ -193,6 +193,18 @@ def _keep_head(name: str) -> bool:
     return name == "output"
 
 
+def nf4_swap(
+    skip: Callable[[str], bool] | None = _keep_head, compute_dtype: torch.dtype = torch.float32
+) -> Callable[[str, nn.Linear], nn.Module | None]:
+    """The `linear_swap` for loading straight into NF4 (`LLM.load(..., dtype="nf4")`): the same choice of
+    layers as `quantize_model_nf4`, made one layer at a time while the checkpoint is read."""
+
+    def swap(name: str, linear: nn.Linear) -> nn.Module | None:
+        return None if skip is not None and skip(name) else NF4Linear.from_linear(linear, compute_dtype)
+
+    return swap
+
+
 def quantize_model_nf4(
     model: nn.Module,
     skip: Callable[[str], bool] | None = _keep_head,

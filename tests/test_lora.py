@@ -347,3 +347,47 @@ def test_llm_load_merges_an_adapter(tiny_checkpoint, tmp_path) -> None:
     assert not lora_state_dict(merged.model)  # merged: plain linears, nothing left to run at inference
     int8 = LLM.load(str(tiny_checkpoint), device="cpu", adapter=tmp_path / "adapter", dtype="int8")
     assert (int8.logits(ids) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+# --- the fused training path (one autograd node per LoRA layer) -------------------------------------------
+@pytest.mark.parametrize("base_kind", ["float", "nf4", "bias"])
+def test_fused_training_path_equals_composed_modules(base_kind):
+    """LoraLinear trains through _LoraFunction (saving only x and x A^T); its output and the gradients of
+    x, A and B equal the module composition that inference and dropout use."""
+    from lmstack.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    base: torch.nn.Module = torch.nn.Linear(24, 40, bias=base_kind == "bias")
+    if base_kind == "nf4":
+        base = NF4Linear.from_linear(base)
+    layer = LoraLinear(base, r=4, alpha=8)
+    randomize_lora(layer)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    g = torch.randn(3, 5, 40)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        if not fused:  # what forward does when the fused path does not apply
+            y = layer.base(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+        else:
+            assert layer._fused_training_path(x)
+            y = layer(x)
+        (y * g).sum().backward()
+        grads = [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+        return [y.detach(), *(g.clone() for g in grads)]
+
+    for fused, composed in zip(run(True), run(False), strict=True):
+        assert max_diff(fused, composed) < 1e-5
+
+
+def test_fused_path_is_not_used_without_grad_disabled_or_with_dropout():
+    layer = LoraLinear(torch.nn.Linear(8, 8), r=2, alpha=4)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert not layer._fused_training_path(x)
+    layer.disabled = True
+    assert not layer._fused_training_path(x)
+    layer.disabled = False
+    assert layer._fused_training_path(x)
+    assert not LoraLinear(torch.nn.Linear(8, 8), r=2, alpha=4, dropout=0.1)._fused_training_path(x)

@@ -201,3 +201,27 @@ def test_qlora_trains_while_the_nf4_codes_stay_unchanged():
         plain = merge_lora(model)  # dequantized float weights + B A
         assert not any(isinstance(m, NF4Linear | LoraLinear) for m in plain.modules())
         assert (plain(ids) - adapted).abs().max() <= 1e-4
+
+
+def test_loading_straight_into_nf4_equals_quantizing_after_loading(tiny_gguf, tmp_path):
+    """LLM.load(dtype="nf4") swaps each linear layer as it is read (from the cached conversion, one float
+    weight at a time): the same NF4 codes and logits as loading float and then quantize_model_nf4."""
+    from lmstack.models.gguf import load_gguf
+    from lmstack.models.loading import SafetensorsReader
+    from lmstack.nf4 import nf4_swap
+
+    _, path = tiny_gguf("llama")
+    cache = tmp_path / "cache"
+    after, _, _ = load_gguf(path, cache_dir=cache)  # writes the cached conversion
+    quantize_model_nf4(after)
+    (entry,) = cache.iterdir()
+    reader = SafetensorsReader(entry / "model.safetensors")
+    assert reader.shape("tok_embeddings.weight") == reader["tok_embeddings.weight"].shape
+    streamed, _, _ = load_gguf(path, cache_dir=cache, linear_swap=nf4_swap())
+    assert set(dict(streamed.named_buffers())) == set(dict(after.named_buffers()))
+    for name, t in after.state_dict().items():
+        assert torch.equal(streamed.state_dict()[name], t), name
+    assert not any(t.is_meta for t in [*streamed.parameters(), *streamed.buffers()])
+    ids = torch.randint(0, streamed.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (streamed(ids) - after(ids)).abs().max().item() < 1e-6  # the same weights; BLAS order aside

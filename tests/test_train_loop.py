@@ -167,3 +167,38 @@ def test_labelled_logits_equal_the_full_forward_at_labelled_positions() -> None:
     assert torch.allclose(logits, full[mask], atol=1e-5) and torch.equal(targets, labels[:, 1:][mask])
     picked, _ = token_logprobs(model(ids), labels)
     assert torch.allclose(sequence_logprob(model, ids, labels), picked.sum(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "setup", ["lora", "full-tied", "softcap"], ids=["lora-head-frozen", "full-tied-head-trains", "softcap"]
+)
+def test_chunked_head_loss_equals_plain_cross_entropy(setup: str, monkeypatch) -> None:
+    """sft_loss's chunked head (no (N, V) logits kept) gives the loss and every gradient of the plain path:
+    a frozen head, a trained head tied to the embeddings, and a final logit soft-cap (gemma-2 style)."""
+    from lmstack.train import losses
+
+    softcap = 5.0 if setup == "softcap" else None
+    config = TINY.with_(tie_embeddings=setup == "full-tied", final_softcap=softcap)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    if setup == "lora":
+        apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    batch = collate(examples(6, seq=16))
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * config.vocab_size)  # 5-token chunks: several, uneven
+
+    def loss_and_grads(chunked: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        if chunked:
+            loss = sft_loss(model, batch)[0]
+        else:
+            logits, targets, _ = losses.labelled_logits(model, batch["input_ids"], batch["labels"])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+        (3.0 * loss).backward()  # a non-unit incoming gradient
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_c, grads_c = loss_and_grads(True)
+    loss_p, grads_p = loss_and_grads(False)
+    assert abs(loss_c - loss_p) < 1e-5
+    assert grads_c.keys() == grads_p.keys() and grads_c
+    for name, g in grads_p.items():
+        assert (grads_c[name] - g).abs().max().item() < 1e-5 * max(1.0, g.abs().max().item()), name

@@ -11,7 +11,8 @@ from torch import nn
 from lmstack.config import ModelConfig
 from lmstack.models.layers import FUSED_MAX_ROWS, Linear, RMSNorm, apply_rope, concat_linears, fused_ops
 
-MaskFn = Callable[[int | None], torch.Tensor]  # attention window -> boolean mask (T, S)
+# attention window -> boolean mask (T, S), or None for plain causal attention over the same T positions
+MaskFn = Callable[[int | None], torch.Tensor | None]
 
 
 class KVCache(nn.Module):
@@ -144,11 +145,22 @@ _NO_ROPE = torch.empty(0)
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v with a boolean mask (T, S); k, v may have fewer (grouped) heads."""
+    """softmax(q k^T * scale) v with a boolean mask (T, S), or causal over T == S positions when mask is
+    None (SDPA's flash kernel then, which keeps no (T, S) matrix); k, v may have fewer (grouped) heads."""
     if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    if mask is None:
+        positions = torch.arange(q.shape[2], device=q.device)
+        mask = attention_mask(positions, positions, None)
     # soft-capping needs the logits, which SDPA does not expose: the explicit path
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)

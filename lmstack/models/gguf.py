@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, MutableMapping
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from lmstack.config import LayerType, ModelConfig
-from lmstack.models.loading import build_model
+from lmstack.models.loading import LinearSwap, SafetensorsReader, build_model
 from lmstack.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -247,21 +247,25 @@ def load_gguf(
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     name: str | None = None,
+    linear_swap: LinearSwap | None = None,
 ) -> tuple[Transformer, ModelConfig, dict[str, Any]]:
-    """(model, config, GGUF metadata). With `cache_dir`, the converted weights are reused across calls."""
+    """(model, config, GGUF metadata). With `cache_dir`, the converted weights are reused across calls.
+
+    `linear_swap` (see `build_model`): from a cached conversion the weights are then read one at a time."""
     path = Path(path)
+    state_dict: MutableMapping[str, torch.Tensor]
     if cache_dir is None:
         config, state_dict, meta = _convert(path, name)
     else:
         entry = Path(cache_dir) / cache_key(path)
         if _complete(entry):
-            config, state_dict, meta = _read_entry(entry)
+            config, state_dict, meta = _read_entry(entry, lazy=linear_swap is not None)
         else:
             config, state_dict, meta = _write_entry(path, entry, name)
     if name is not None:
         config = config.with_(name=name)
     t0 = time.perf_counter()
-    model = build_model(config, state_dict, device, dtype)
+    model = build_model(config, state_dict, device, dtype, linear_swap)
     log.info("built %s on %s in %.1fs", config.name, device, time.perf_counter() - t0)
     return model, config, meta
 
@@ -328,11 +332,14 @@ def _publish(tmp: Path, entry: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_entry(entry: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def _read_entry(
+    entry: Path, lazy: bool = False
+) -> tuple[ModelConfig, MutableMapping[str, torch.Tensor], dict[str, Any]]:
     t0 = time.perf_counter()
     saved = json.loads((entry / "config.json").read_text())
     config = ModelConfig.from_dict(saved["config"])
     meta = json.loads((entry / "gguf_meta.json").read_text())
-    state_dict = load_file(str(entry / "model.safetensors"))
+    path = entry / "model.safetensors"
+    state_dict = SafetensorsReader(path) if lazy else load_file(str(path))
     log.info("read cached %s in %.1fs", entry.name, time.perf_counter() - t0)
     return config, state_dict, meta

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from lmstack.config import LayerType, ModelConfig
-from lmstack.models.loading import build_model
+from lmstack.models.loading import LinearSwap, build_model
 from lmstack.models.transformer import Transformer
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel")
@@ -295,12 +295,16 @@ def load_hf(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     name: str | None = None,
+    linear_swap: LinearSwap | None = None,
 ) -> tuple[Transformer, ModelConfig]:
-    """Load an HF directory (config.json + safetensors, sharded or not) as an lmstack `Transformer`."""
+    """Load an HF directory (config.json + safetensors, sharded or not) as an lmstack `Transformer`.
+
+    `linear_swap` (see `build_model`) swaps the linear layers as they load; the float checkpoint is read
+    whole first here (the name mapping works on the full state dict)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
     config = config_from_hf(json.loads(config_file.read_text()), name=name or path.name)
     state_dict = hf_to_lmstack(read_safetensors(safetensors_files(path)), config)
-    return build_model(config, state_dict, device, dtype), config
+    return build_model(config, state_dict, device, dtype, linear_swap), config

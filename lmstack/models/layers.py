@@ -134,7 +134,29 @@ class MLP(nn.Module):
             return self.w2(self.act(a))
         if self.act_code is not None and (ops := fused_ops(a)) is not None:
             return self.w2(ops.gated_act(a, b, self.act_code))
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return self.w2(_GatedAct.apply(a, b, self.act))  # training: keeps a and b only
         return self.w2(self.act(a) * b)  # (B, T, C)
+
+
+class _GatedAct(torch.autograd.Function):
+    """act(a) * b that saves only a and b for backward and recomputes act(a) there; composed of ops it
+    would also keep act(a), one more (B, T, H) tensor per layer (the largest activations of a block)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, act: nn.Module) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, b)
+        ctx.act = act
+        return act(a) * b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        with torch.enable_grad():
+            a_ = a.detach().requires_grad_(True)
+            act_a = ctx.act(a_)
+            (grad_a,) = torch.autograd.grad(act_a, a_, grad * b)
+        return grad_a, grad * act_a.detach(), None
 
 
 def rope_cos_sin(

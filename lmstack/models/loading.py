@@ -7,23 +7,87 @@ the result against the model and installs it without ever materializing random w
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from lmstack.config import ModelConfig
 from lmstack.models.transformer import Transformer
 
+# (module name, the float nn.Linear as loaded) -> the module to install instead, or None to keep it
+LinearSwap = Callable[[str, nn.Linear], nn.Module | None]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class SafetensorsReader(MutableMapping[str, torch.Tensor]):
+    """A safetensors file read one tensor at a time with plain reads, without memory-mapping it.
+
+    safetensors' own loaders memory-map the file, and every page a tensor touched stays in the process's
+    resident set for as long as any tensor of the file lives. Loading a 4-bit base (QLoRA) reads each float
+    weight once to quantize it, so with a mapping the whole float model would count towards peak memory;
+    read this way, only one float weight exists at a time. Only the names and shapes are read up front
+    (the JSON header); `pop` and `[name]` read that tensor's bytes into fresh memory.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._entries: dict[str, dict] = header
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self._entries[name]["shape"])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + start)
+            if f.readinto(buf.numpy().data) != end - start:
+                raise ValueError(f"{self.path}: the data of tensor {name!r} is cut short (a truncated file?)")
+        return buf.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        raise TypeError("SafetensorsReader is read-only")
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
 
 def build_model(
     config: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: MutableMapping[str, torch.Tensor],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    linear_swap: LinearSwap | None = None,
 ) -> Transformer:
     """A `Transformer` holding exactly `state_dict` (lmstack names), in eval mode.
 
     The model is built on the meta device and the tensors are assigned, so loading never pays for a random
     init and peak memory is one copy of the weights. Missing, unexpected or mis-shaped tensors are errors:
     a silently random layer is the worst possible loading bug.
+
+    `linear_swap` replaces nn.Linear modules as they load (a 4-bit base for QLoRA): every other tensor is
+    installed first, then each linear weight is read, handed over with its bias, and dropped, so from a
+    `SafetensorsReader` the float weights never all exist at once.
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -32,25 +96,47 @@ def build_model(
         expected.pop("output.weight", None)
         state_dict.pop("output.weight", None)
     _check_names_and_shapes(config, expected, state_dict)
+    linears = {}  # "layers.0.attention.wq.weight" -> "layers.0.attention.wq", swapped after the rest loads
+    if linear_swap is not None:
+        linears = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        linears = {k: n for k, n in linears.items() if k in state_dict}
     converted = {}
-    for name in list(state_dict):
-        t = state_dict.pop(name)  # free the source tensor as soon as its copy exists
-        converted[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    for name in [k for k in state_dict if k not in linears]:
+        converted[name] = _convert(state_dict.pop(name), device, dtype)  # the source copy is freed at once
     model.load_state_dict(converted, strict=False, assign=True)
+    for key, module_name in linears.items():
+        old = model.get_submodule(module_name)
+        assert isinstance(old, nn.Linear) and linear_swap is not None
+        linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        linear.weight = nn.Parameter(_convert(state_dict.pop(key), device, dtype))
+        if old.bias is not None:
+            linear.bias = old.bias
+        new = linear_swap(module_name, linear)
+        parent, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear if new is None else new)
+        del linear, new  # the float weight goes here unless the swap kept it
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
+def _convert(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _shape(state_dict: MutableMapping[str, torch.Tensor], name: str) -> torch.Size:
+    return state_dict.shape(name) if isinstance(state_dict, SafetensorsReader) else state_dict[name].shape
+
+
 def _check_names_and_shapes(
-    config: ModelConfig, expected: dict[str, torch.Size], state_dict: dict[str, torch.Tensor]
+    config: ModelConfig, expected: dict[str, torch.Size], state_dict: MutableMapping[str, torch.Tensor]
 ) -> None:
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k])}"
+        f"{k}: checkpoint {tuple(_shape(state_dict, k))} vs model {tuple(expected[k])}"
         for k in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[k].shape) != tuple(expected[k])
+        if tuple(_shape(state_dict, k)) != tuple(expected[k])
     ]
     problems = []
     if missing:

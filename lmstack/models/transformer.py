@@ -98,6 +98,7 @@ class Transformer(nn.Module):
         """The final-normed hidden states (B, T, C) that the LM head reads; a reward model's scalar head
         reads them too."""
         B, T = idx.shape
+        square_causal = input_pos is None and not self.cache_len  # positions 0..T-1 see their past only
         if input_pos is None:
             input_pos = torch.arange(T, device=idx.device)
         kv_len = int(input_pos[-1]) + 1 if self.cache_len else T
@@ -110,7 +111,9 @@ class Transformer(nn.Module):
         k_pos = torch.arange(kv_len, device=idx.device) if self.cache_len else input_pos
 
         @functools.cache
-        def mask_for(window: int | None) -> torch.Tensor:  # (T, S), built once per window, if needed
+        def mask_for(window: int | None) -> torch.Tensor | None:  # (T, S), built once per window, if needed
+            if square_causal and (window is None or window >= T):
+                return None  # plain causal: SDPA's flash path (training, full forwards)
             return attention_mask(input_pos, k_pos, window)
 
         ropes = self._ropes(input_pos)

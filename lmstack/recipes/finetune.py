@@ -38,7 +38,6 @@ from lmstack.data import (
 )
 from lmstack.data.prompts import load_prompt_jsonl, tokenize_prompts
 from lmstack.lora import LoraConfig, apply_lora, disable_adapters, trainable_parameters
-from lmstack.nf4 import quantize_model_nf4
 from lmstack.train import TrainConfig, TrainResult, train
 from lmstack.train.losses import dpo_loss_from_logprobs, sequence_logprob, sft_loss
 from lmstack.train.ppo import (
@@ -112,7 +111,9 @@ def finetune(args: FinetuneArgs) -> TrainResult:
         )
     reward_fn = _reward_fn(args) if args.method == "ppo" else None  # a reward model loads before training
 
-    llm = LLM.load(args.model, device="cpu", cache_dir=args.cache_dir)
+    # QLoRA: each linear layer becomes NF4 as it loads, so the float model is never resident as a whole
+    dtype = "nf4" if args.method == "qlora" else "float32"
+    llm = LLM.load(args.model, device="cpu", dtype=dtype, cache_dir=args.cache_dir)
     tok = llm.tokenizer
     template, note = training_chat_template(tok)
     if args.progress:
@@ -128,8 +129,6 @@ def finetune(args: FinetuneArgs) -> TrainResult:
 
     # the trainable part
     model: nn.Module = llm.model
-    if args.method == "qlora":
-        quantize_model_nf4(model)
     if lora is not None:
         apply_lora(model, lora)
     else:

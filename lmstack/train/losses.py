@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.models.layers import Linear
+
 IGNORE = -100
 
 
@@ -40,12 +42,80 @@ def labelled_logits(
     return head(hidden[mask]), targets[mask], mask  # (N, V)
 
 
+class _ChunkedHeadCE(torch.autograd.Function):
+    """mean_i CE(softcap(h_i W^T), t_i) without ever holding the (N, V) logits (Liger's fused linear
+    cross-entropy): the tokens go through the head in chunks, and each chunk's gradient with respect to h
+    (and to W when it trains) is computed right there, since the loss is the end of the graph. Backward
+    only scales those by the incoming gradient. Memory: a (chunk, V) block instead of ~3 x (N, V) float32
+    (logits, their float copy and their gradient), 600 MiB for 1024 tokens of a 49k-word vocabulary."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk: int
+    ) -> torch.Tensor:
+        n = h.shape[0]
+        grad_h = torch.empty_like(h)  # (N, C)
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, C)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
+            z = (hc @ w.T).float()  # (c, V)
+            if softcap is not None:
+                capped = torch.tanh(z / softcap)
+                z = softcap * capped
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            g = torch.softmax(z, dim=-1)  # d loss_i / d z = softmax - onehot
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            if softcap is not None:
+                g *= 1.0 - capped * capped  # through cap * tanh(z / cap)
+            g /= n  # the mean
+            grad_h[i : i + chunk] = (g.to(w.dtype) @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += g.T @ hc.float()
+        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ctx.has_grad_w, ctx.w_dtype = grad_w is not None, w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        gw = (grad_w * grad).to(ctx.w_dtype) if ctx.has_grad_w else None
+        return grad_h * grad.to(grad_h.dtype), gw, None, None, None
+
+
+CHUNK_LOGITS = 2**22  # floats per chunk of logits in the chunked loss: 16 MiB of float32
+
+
+def _plain_head(model: nn.Module) -> tuple[torch.Tensor, float | None] | None:
+    """(head weight (V, C), final softcap) when the LM head is a plain bias-free linear layer (possibly
+    tied to the embeddings), so the chunked loss applies; None for anything else (a LoRA'd head...)."""
+    output, config = getattr(model, "output", None), getattr(model, "config", None)
+    if not (callable(getattr(model, "forward_hidden", None)) and type(output) in (nn.Linear, Linear)):
+        return None
+    assert isinstance(output, nn.Linear)
+    if output.bias is not None:
+        return None
+    return output.weight, getattr(config, "final_softcap", None)
+
+
 def sft_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token cross-entropy over the labelled (assistant) tokens of the batch."""
-    logits, targets, _ = labelled_logits(model, batch["input_ids"], batch["labels"])
-    if targets.numel() == 0:
+    """Mean next-token cross-entropy over the labelled (assistant) tokens of the batch; through the
+    chunked head (`_ChunkedHeadCE`) when the model's head allows it, equal to the plain path (a test)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    if not mask.any():
         raise ValueError("a batch has no labelled tokens (every label is -100); check the data's masking")
-    return F.cross_entropy(logits.float(), targets), {}
+    head = _plain_head(model)
+    if head is None or not torch.is_grad_enabled():
+        logits, picked, _ = labelled_logits(model, input_ids, labels)
+        return F.cross_entropy(logits.float(), picked), {}
+    weight, softcap = head
+    forward_hidden: Any = getattr(model, "forward_hidden")  # noqa: B009 (checked by _plain_head)
+    hidden = forward_hidden(input_ids)[:, :-1][mask]  # (N, C)
+    chunk = max(1, CHUNK_LOGITS // weight.shape[0])
+    return _ChunkedHeadCE.apply(hidden, weight, targets[mask], softcap, chunk), {}
 
 
 def sequence_logprob(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
