@@ -269,3 +269,27 @@ def test_real_gguf_greedy_matches_transformers(real_pair):
             ours = greedy(lmstack_step(loaded.model), ids, n)
             loaded.model.clear_caches()
             assert ours == greedy(hf_step(hf), ids, n), f"{loaded.config.name} diverged on {prompt!r}"
+
+
+def test_a_rewritten_gguf_replaces_its_stale_conversion(tiny_gguf, tmp_path):
+    """A GGUF written again (new mtime) gets a new cache entry and the old one, gigabytes for a real
+    model that nothing reads any more, is deleted; another file's entry stays."""
+    import os
+
+    _, path = tiny_gguf("llama")
+    _, other = tiny_gguf("gemma3")
+    cache = tmp_path / "cache"
+    load_gguf(path, cache_dir=cache)
+    load_gguf(other, cache_dir=cache)
+    before = {p.name for p in cache.iterdir()}
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_gguf(path, cache_dir=cache)
+    after = {p.name for p in cache.iterdir()}
+    assert len(before) == len(after) == 2
+
+    def named(names: set[str], stem: str) -> list[str]:
+        return [n for n in names if n.startswith(stem)]
+
+    assert named(before, "tiny-gemma3") == named(after, "tiny-gemma3")  # another file's entry stays
+    assert named(before, "tiny-llama") != named(after, "tiny-llama")  # a new entry, the old one gone

@@ -184,7 +184,8 @@ def test_chunked_head_loss_equals_plain_cross_entropy(setup: str, monkeypatch) -
     if setup == "lora":
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     batch = collate(examples(6, seq=16))
-    monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * config.vocab_size)  # 5-token chunks: several, uneven
+    monkeypatch.setattr(losses, "CHUNK_MIN_TOKENS", 5)  # 5-token chunks: several, the last one shorter
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * config.vocab_size)
 
     def loss_and_grads(chunked: bool) -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)

@@ -317,10 +317,27 @@ def _write_entry(
         (tmp / "gguf_meta.json").write_text(json.dumps(meta))
         _publish(tmp, entry)
         log.info("cached converted weights in %s (%.1fs)", entry, time.perf_counter() - t0)
+        _evict_older_conversions(entry, path.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return config, state_dict, meta
+
+
+def _evict_older_conversions(entry: Path, file_name: str) -> None:
+    """Delete other cached conversions of a file of the same name: a GGUF that changed (or was written
+    again, a new mtime) gets a new entry, and each stale one is gigabytes (qwen2.5-0.5b: 2.4 GB) that
+    nothing reads any more. A process still reading one keeps its open file (SafetensorsReader keeps one)."""
+    for other in entry.parent.glob(f"{_slug(Path(file_name).stem)}-*"):
+        if other == entry or not _complete(other):
+            continue
+        try:
+            source = json.loads((other / "config.json").read_text()).get("source", {})
+        except (OSError, ValueError):
+            continue
+        if source.get("file") == file_name:
+            shutil.rmtree(other, ignore_errors=True)
+            log.info("removed the stale conversion %s", other.name)
 
 
 def _publish(tmp: Path, entry: Path) -> None:

@@ -39,9 +39,9 @@ class SafetensorsReader(MutableMapping[str, torch.Tensor]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+        self._file = open(self.path, "rb")  # noqa: SIM115 (kept open: the file may be replaced meanwhile)
+        n = int.from_bytes(self._file.read(8), "little")
+        header = json.loads(self._file.read(n))
         header.pop("__metadata__", None)
         self._data_start = 8 + n
         self._entries: dict[str, dict] = header
@@ -53,10 +53,9 @@ class SafetensorsReader(MutableMapping[str, torch.Tensor]):
         entry = self._entries[name]
         start, end = entry["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self._data_start + start)
-            if f.readinto(buf.numpy().data) != end - start:
-                raise ValueError(f"{self.path}: the data of tensor {name!r} is cut short (a truncated file?)")
+        self._file.seek(self._data_start + start)
+        if self._file.readinto(buf.numpy().data) != end - start:
+            raise ValueError(f"{self.path}: the data of tensor {name!r} is cut short (a truncated file?)")
         return buf.view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
@@ -64,6 +63,15 @@ class SafetensorsReader(MutableMapping[str, torch.Tensor]):
 
     def __delitem__(self, name: str) -> None:
         del self._entries[name]
+        if not self._entries:
+            self.close()  # everything is read
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_file"):
+            self._file.close()
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))
