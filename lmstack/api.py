@@ -92,16 +92,13 @@ class LLM:
             linear_swap=swap,
         )
         model = loaded.model.eval()
-        if adapter is not None and dtype == "nf4":
-            from lmstack.adapters import load_adapter
-
-            load_adapter(model, adapter, base_model_name=name_or_path)
-        elif adapter is not None:
+        if adapter is not None:
             from lmstack.adapters import load_adapter
             from lmstack.lora import merge_lora
 
             load_adapter(model, adapter, base_model_name=name_or_path)
-            merge_lora(model)
+            if dtype != "nf4":  # an NF4 base keeps the adapter unmerged, as QLoRA trained it
+                merge_lora(model)
         if dtype in ("int8", "q4"):
             from lmstack.quant import quantize_model
 

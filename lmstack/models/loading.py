@@ -70,8 +70,8 @@ class SafetensorsReader(MutableMapping[str, torch.Tensor]):
         self._file.close()
 
     def __del__(self) -> None:
-        if hasattr(self, "_file"):
-            self._file.close()
+        if hasattr(self, "_file"):  # __init__ may have failed before opening
+            self.close()
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._entries))

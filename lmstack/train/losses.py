@@ -33,13 +33,24 @@ def labelled_logits(
     (B, T-1) mask that places them. The head is most of a small model's compute (gemma-3-270m: 168M of its
     268M weights sit in the 262k-word output layer) and prompt tokens are most of a chat batch's positions.
     Equal to the full forward's logits at those positions (a test checks)."""
+    head = getattr(model, "head", None)
+    if not (callable(getattr(model, "forward_hidden", None)) and callable(head)):  # another causal LM
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        return model(input_ids)[:, :-1][mask], targets[mask], mask  # full logits, then select
+    hidden, targets, mask = labelled_hidden(model, input_ids, labels)
+    return head(hidden), targets, mask  # (N, V)
+
+
+def labelled_hidden(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The final hidden states where a labelled token is predicted (N, C), those targets (N,) and the
+    (B, T-1) mask that places them; for models with `forward_hidden` (lmstack's Transformer)."""
     targets = labels[:, 1:]
     mask = targets != IGNORE
-    forward_hidden, head = getattr(model, "forward_hidden", None), getattr(model, "head", None)
-    if not (callable(forward_hidden) and callable(head)):  # another causal LM: full logits, then select
-        return model(input_ids)[:, :-1][mask], targets[mask], mask
-    hidden = forward_hidden(input_ids)[:, :-1]  # (B, T-1, C)
-    return head(hidden[mask]), targets[mask], mask  # (N, V)
+    hidden = model.forward_hidden(input_ids)[:, :-1]  # type: ignore[operator]  # (B, T-1, C)
+    return hidden[mask], targets[mask], mask
 
 
 class _ChunkedHeadCE(torch.autograd.Function):
@@ -109,19 +120,16 @@ def sft_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dic
     """Mean next-token cross-entropy over the labelled (assistant) tokens of the batch; through the
     chunked head (`_ChunkedHeadCE`) when the model's head allows it, equal to the plain path (a test)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    targets = labels[:, 1:]
-    mask = targets != IGNORE
-    if not mask.any():
+    if not (labels[:, 1:] != IGNORE).any():
         raise ValueError("a batch has no labelled tokens (every label is -100); check the data's masking")
     head = _plain_head(model)
     if head is None or not torch.is_grad_enabled():
-        logits, picked, _ = labelled_logits(model, input_ids, labels)
-        return F.cross_entropy(logits.float(), picked), {}
+        logits, targets, _ = labelled_logits(model, input_ids, labels)
+        return F.cross_entropy(logits.float(), targets), {}
     weight, softcap = head
-    forward_hidden: Any = getattr(model, "forward_hidden")  # noqa: B009 (checked by _plain_head)
-    hidden = forward_hidden(input_ids)[:, :-1][mask]  # (N, C)
+    hidden, targets, _ = labelled_hidden(model, input_ids, labels)  # (N, C), (N,)
     chunk = max(CHUNK_MIN_TOKENS, CHUNK_LOGITS // weight.shape[0])
-    return _ChunkedHeadCE.apply(hidden, weight, targets[mask], softcap, chunk), {}
+    return _ChunkedHeadCE.apply(hidden, weight, targets, softcap, chunk), {}
 
 
 def sequence_logprob(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
