@@ -199,6 +199,22 @@ def test_adapter_on_a_quantized_base_is_as_close_as_merging_then_quantizing(tiny
             assert served_err.max() <= 1.5 * merged_err.max()
 
 
+def test_nf4_load_keeps_an_adapter_unmerged_on_the_4bit_base(tiny_checkpoint, adapters):
+    """LLM.load(dtype="nf4", adapter=...) is the QLoRA setting: the adapter wraps NF4 layers unmerged, and the
+    logits stay near the float merged model's (only the base is rounded to 4 bits)."""
+    from lmstack.nf4 import NF4Linear
+
+    base, path = str(tiny_checkpoint), adapters["sql"]
+    model = LLM.load(base, device="cpu", dtype="nf4", adapter=path).model
+    wrapped = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert wrapped and all(isinstance(m.base, NF4Linear) and not m.merged for m in wrapped)
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        ref = LLM.load(base, device="cpu", adapter=path).model(ids)
+        err = (model(ids) - ref).abs().max() / ref.abs().max()
+    assert err < 0.25
+
+
 # --- `lmstack serve --lora` -------------------------------------------------------------------------------
 def serve_error(capsys, *flags: str) -> str:
     assert main(["serve", "--device", "cpu", "--no-embeddings", *flags]) == 2
