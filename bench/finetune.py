@@ -91,13 +91,15 @@ def reset_peak() -> bool:
 # --- the models ---------------------------------------------------------------------------------------------
 def load_lmstack(name: str, nf4: bool = False) -> nn.Module:
     """The packaged model's float32 weights, without a tokenizer (the same loader for every configuration);
-    `nf4`: each linear layer quantized to NF4 as it loads, as `lmstack finetune --method qlora` loads it."""
+    `nf4`: each linear layer quantized to NF4 as it loads and the embedding and head stored as int8 rows,
+    as `lmstack finetune --method qlora` (LLM.load(dtype="nf4")) loads it."""
     from lmstack.api import default_home
     from lmstack.hub import load_model
-    from lmstack.nf4 import nf4_swap
+    from lmstack.nf4 import nf4_swap, quantize_tables_int8
 
     swap = nf4_swap() if nf4 else None
-    return load_model(name, dtype=torch.float32, cache_dir=default_home(), linear_swap=swap).model.train()
+    model = load_model(name, dtype=torch.float32, cache_dir=default_home(), linear_swap=swap).model
+    return (quantize_tables_int8(model) if nf4 else model).train()
 
 
 def hf_config(cfg: Any) -> Any:

@@ -72,8 +72,9 @@ class LLM:
         weights before any quantization, so it costs nothing at inference.
 
         `dtype="nf4"` is QLoRA's frozen 4-bit base (lmstack.nf4): each linear layer is quantized as it
-        loads, so the float model is never resident as a whole; an adapter then stays unmerged on top, as
-        it was trained. Made for training: inference dequantizes every call (int8/q4 are the fast ones)."""
+        loads, so the float model is never resident as a whole, and the embedding table and LM head are
+        kept as int8 rows; an adapter then stays unmerged on top, as it was trained. Made for training:
+        inference dequantizes every call (int8/q4 are the fast ones)."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
         dev = pick_device(device)
@@ -92,6 +93,10 @@ class LLM:
             linear_swap=swap,
         )
         model = loaded.model.eval()
+        if dtype == "nf4":
+            from lmstack.nf4 import quantize_tables_int8
+
+            quantize_tables_int8(model)  # the frozen embedding and head as int8 rows
         if adapter is not None:
             from lmstack.adapters import load_adapter
             from lmstack.lora import merge_lora

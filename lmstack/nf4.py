@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmstack.quant import BLOCK as Q8_BLOCK
+from lmstack.quant import Int8Embedding, Int8Linear
+
 BLOCK = 64  # weights per absmax scale
 SCALE_BLOCK = 256  # absmax scales per second-level fp32 scale
 
@@ -227,4 +230,25 @@ def quantize_model_nf4(
             swapped[id(module)] = NF4Linear.from_linear(module, compute_dtype)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, swapped[id(module)])
+    return model
+
+
+def quantize_tables_int8(model: nn.Module) -> nn.Module:
+    """Store the frozen embedding table and LM head of a QLoRA base as Q8_0 int8 rows (lmstack.quant: int8
+    codes with an fp16 scale per 32 values, 8.5 bits), in place; returns `model`.
+
+    With every linear layer in NF4 these two tables are most of what is left: qwen2.5-0.5b's untied
+    152k x 896 embedding and head are 1,039 MiB of float32 beside 180 MiB of NF4 layers. Int8 rows keep
+    them at a quarter (a GGUF's Q8_0 head comes back bit for bit; transformers keeps them in 16 bits).
+    Lookups dequantize only the rows they gather; the training loss reads the head a slice of rows at a
+    time (lmstack.train.losses); neither table trains. A tied head shares the embedding's codes. Tables
+    whose width is not a multiple of 32 stay float."""
+    emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if not isinstance(emb, nn.Embedding) or emb.embedding_dim % Q8_BLOCK:
+        return model
+    model.tok_embeddings = q_emb = Int8Embedding.from_embedding(emb)
+    if isinstance(head, nn.Linear) and head.weight is emb.weight and head.bias is None:  # tied: one copy
+        model.output = Int8Linear(q_emb.qweight, q_emb.scales)
+    elif isinstance(head, nn.Linear) and head.in_features % Q8_BLOCK == 0:
+        model.output = Int8Linear.from_linear(head)
     return model

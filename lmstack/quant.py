@@ -295,8 +295,13 @@ def _tiled_dequant_linear(x: Tensor, n_out: int, dequant_rows: Callable[[Tensor]
 
 
 def _is_decode_size(x: Tensor, in_features: int) -> bool:
-    """CPU input small enough for the integer kernel (prefill sizes go to sgemm)."""
-    return x.is_cpu and x.numel() < PREFILL_MIN_ROWS * in_features
+    """CPU input small enough for the integer kernel (prefill sizes go to sgemm), outside autograd: a frozen
+    quantized layer that gradients flow through (QLoRA's int8 head) multiplies float activations."""
+    return x.is_cpu and x.numel() < PREFILL_MIN_ROWS * in_features and not _needs_grad(x)
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _general_forward(
@@ -311,7 +316,7 @@ def _general_forward(
         w = module.dequantize().to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     x2 = x.reshape(-1, module.in_features).float().contiguous()  # (M, K)
-    if x2.shape[0] >= PREFILL_MIN_ROWS:
+    if x2.shape[0] >= PREFILL_MIN_ROWS or _needs_grad(x):
         y = _tiled_dequant_linear(x2, module.out_features, dequant_rows)
         y = y if bias is None else y + bias
     else:
@@ -391,6 +396,10 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> Tensor:
         """float32 (out, in) weight: for tests, export, and the off-CPU path."""
         return dequantize_int8(self.qweight, self.scales)
+
+    def dequantize_rows(self, start: int, stop: int) -> Tensor:
+        """float32 rows [start, stop) of the weight, (stop - start, in): a head read a slice at a time."""
+        return self._dequant_rows(torch.arange(start, stop, device=self.scales.device))
 
     def extra_repr(self) -> str:
         return _linear_repr(self)

