@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.models.hf import LLAMA_LAYER_NAMES, LLAMA_TOP_NAMES
-from lmstack.models.layers import Linear, linear_nt
+from lmstack.models.layers import Linear
 from lmstack.nf4 import NF4Linear
 from lmstack.quant import Int8Linear, Q4Linear
 
@@ -163,7 +164,7 @@ class _LoraFunction(torch.autograd.Function):
             w, bias = cast(Tensor, base.weight), cast(Tensor | None, base.bias)
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
         h = x2 @ a.T  # (M, r)
-        y = linear_nt(x2, w, bias).addmm_(h, b.T, alpha=s)  # x W^T + b + s h B^T: (M, N)
+        y = F.linear(x2, w, bias).addmm_(h, b.T, alpha=s)  # x W^T + b + s h B^T: (M, N)
         ctx.save_for_backward(x2, h, a, b)
         ctx.layer = layer
         return y.view(*x.shape[:-1], w.shape[0])

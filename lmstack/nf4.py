@@ -120,8 +120,15 @@ def unpack_nf4(
     nb = qabsmax.numel()
     padded = F.pad(qabsmax, (0, absmax_scale.numel() * SCALE_BLOCK - nb))  # whole blocks of 256
     absmax = dequantize_blockwise(padded, absmax_scale, SCALE_CODE, SCALE_BLOCK)[:nb] + offset.float()
-    w = dequantize_blockwise(unpack_nibbles(qweight), absmax, NF4_CODE, BLOCK)  # (n_pad,)
+    # each byte is a pair of levels: one lookup in the (256, 2) table of pairs with int32 indices decodes it
+    # (unpacking nibbles to int64 indices first made 3x the temporaries of the float weight itself)
+    pairs = F.embedding(qweight.int(), _NF4_PAIRS.to(qweight.device))  # (n_pad/2, 2)
+    w = pairs.view(nb, BLOCK).mul_(absmax[:, None]).view(-1)  # (n_pad,)
     return w[: shape[0] * shape[1]].view(shape)
+
+
+# byte -> (level of its high nibble, level of its low nibble), the decoding table of `unpack_nf4`
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
 
 
 class _DequantLinear(torch.autograd.Function):

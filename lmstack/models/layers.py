@@ -41,41 +41,14 @@ def fused_ops(x: torch.Tensor, rows: int | None = None) -> ModuleType | None:
     return load_ops_kernels()
 
 
-# x W^T for many rows on the CPU goes through oneDNN's inner-product kernel: MKL's sgemm with a transposed
-# right-hand side ran these shapes (1024 tokens x 896 -> 4864, qwen's MLP) at ~105 GFLOP/s on this AMD
-# CPU, oneDNN at ~135 (bench/matmul.py); both are float32 to the same precision. Fewer rows stay on MKL.
-_ONEDNN_MIN_ROWS = 128
-_onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-
-
-def linear_nt(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T + bias -> (M, N), outside autograd (custom backward functions and no-grad
-    forwards call it); the fastest kernel this CPU has for the shape."""
-    if (
-        _onednn_linear is not None
-        and x.is_cpu
-        and x.dtype == w.dtype == torch.float32
-        and x.shape[0] >= _ONEDNN_MIN_ROWS
-        and w.is_contiguous()
-    ):
-        return _onednn_linear(x.contiguous(), w, bias, "none", [], "")
-    return torch.nn.functional.linear(x, w, bias)
-
-
 class Linear(nn.Linear):
     """nn.Linear whose CPU forward over a few rows (2..FUSED_MAX_ROWS: speculative verification, engine
     batches) computes (W x^T)^T: MKL's x W^T path for small M costs 2.7x the one-row GEMV at 5 rows on
-    this CPU, W x^T about 1.3x (measured in docs/benchmarks.md); outside autograd over many rows (prefill)
-    it goes through `linear_nt`. Same parameters and state dict as nn.Linear; LoRA and quantization swap it
-    like any nn.Linear."""
+    this CPU, W x^T about 1.3x (measured in docs/benchmarks.md). Same parameters and state dict as
+    nn.Linear; LoRA and quantization swap it like any nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows >= _ONEDNN_MIN_ROWS and not (
-            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        ):
-            y = linear_nt(x.reshape(rows, -1), self.weight, self.bias)  # prefill, frozen layers
-            return y.view(*x.shape[:-1], self.out_features)
         if not (1 < rows <= FUSED_MAX_ROWS and x.is_cpu and self.weight.dtype == x.dtype):
             return super().forward(x)
         y = torch.matmul(self.weight, x.reshape(rows, -1).T).T.contiguous()  # (rows, out)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.models.layers import Linear, linear_nt
+from lmstack.models.layers import Linear
 from lmstack.quant import Int8Linear
 
 IGNORE = -100
@@ -115,11 +115,11 @@ HEAD_SLICE_ROWS = 8192
 def _head_logits(hc: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor:
     """hc (c, C) @ W^T -> float32 logits (c, V)."""
     if isinstance(w, torch.Tensor):
-        return linear_nt(hc, w).float()
+        return (hc @ w.T).float()
     z = hc.new_empty((hc.shape[0], w.out_features), dtype=torch.float32)
     for v in range(0, w.out_features, HEAD_SLICE_ROWS):
         rows = w.dequantize_rows(v, min(v + HEAD_SLICE_ROWS, w.out_features))  # (s, C)
-        z[:, v : v + rows.shape[0]] = linear_nt(hc.float(), rows)
+        z[:, v : v + rows.shape[0]] = hc.float() @ rows.T
     return z
 
 
