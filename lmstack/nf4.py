@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.quant import BLOCK as Q8_BLOCK
-from lmstack.quant import Int8Embedding, Int8Linear
+from lmstack.quant import quantize_model
 
 BLOCK = 64  # weights per absmax scale
 SCALE_BLOCK = 256  # absmax scales per second-level fp32 scale
@@ -96,10 +95,6 @@ def pack_nibbles(idx: Tensor) -> Tensor:
     """uint8 codes (n_pad,) in [0, 16) -> bytes (n_pad/2,), the first of each pair in the high nibble."""
     pairs = idx.view(-1, 2)
     return (pairs[:, 0] << 4) | pairs[:, 1]
-
-
-def unpack_nibbles(packed: Tensor) -> Tensor:
-    return torch.stack([packed >> 4, packed & 0xF], dim=1).view(-1)  # (n_pad,)
 
 
 # ------------------------------------------------------------------- NF4 -----
@@ -248,14 +243,6 @@ def quantize_tables_int8(model: nn.Module) -> nn.Module:
     152k x 896 embedding and head are 1,039 MiB of float32 beside 180 MiB of NF4 layers. Int8 rows keep
     them at a quarter (a GGUF's Q8_0 head comes back bit for bit; transformers keeps them in 16 bits).
     Lookups dequantize only the rows they gather; the training loss reads the head a slice of rows at a
-    time (lmstack.train.losses); neither table trains. A tied head shares the embedding's codes. Tables
-    whose width is not a multiple of 32 stay float."""
-    emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
-    if not isinstance(emb, nn.Embedding) or emb.embedding_dim % Q8_BLOCK:
-        return model
-    model.tok_embeddings = q_emb = Int8Embedding.from_embedding(emb)
-    if isinstance(head, nn.Linear) and head.weight is emb.weight and head.bias is None:  # tied: one copy
-        model.output = Int8Linear(q_emb.qweight, q_emb.scales)
-    elif isinstance(head, nn.Linear) and head.in_features % Q8_BLOCK == 0:
-        model.output = Int8Linear.from_linear(head)
-    return model
+    time (lmstack.train.losses); neither table trains. `quantize_model` packs a tied head once and keeps
+    tables whose width is not a multiple of 32 float."""
+    return quantize_model(model, "int8", skip=lambda name: name not in ("tok_embeddings", "output"))

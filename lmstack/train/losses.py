@@ -6,6 +6,7 @@ taken (prompt tokens, padding); the shift (position t predicts token t + 1) happ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -117,9 +118,9 @@ def _head_logits(hc: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor
     if isinstance(w, torch.Tensor):
         return (hc @ w.T).float()
     z = hc.new_empty((hc.shape[0], w.out_features), dtype=torch.float32)
-    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
-        rows = w.dequantize_rows(v, min(v + HEAD_SLICE_ROWS, w.out_features))  # (s, C)
-        z[:, v : v + rows.shape[0]] = hc.float() @ rows.T
+    hc = hc.float()
+    for cols, rows in _int8_head_slices(w):
+        z[:, cols] = hc @ rows.T
     return z
 
 
@@ -128,10 +129,16 @@ def _head_grad_input(g: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Ten
     if isinstance(w, torch.Tensor):
         return g.to(w.dtype) @ w
     out = g.new_zeros((g.shape[0], w.in_features))
-    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
-        rows = w.dequantize_rows(v, min(v + HEAD_SLICE_ROWS, w.out_features))  # (s, C)
-        out.addmm_(g[:, v : v + rows.shape[0]], rows)
+    for cols, rows in _int8_head_slices(w):
+        out.addmm_(g[:, cols], rows)
     return out
+
+
+def _int8_head_slices(w: Int8Linear) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(vocabulary slice, its dequantized float32 rows (s, C)), HEAD_SLICE_ROWS rows at a time."""
+    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
+        stop = min(v + HEAD_SLICE_ROWS, w.out_features)
+        yield slice(v, stop), w.dequantize_rows(v, stop)
 
 
 # logits per chunk of the chunked loss: 128 MiB of float32, and at least CHUNK_MIN_TOKENS rows so that each
