@@ -9,6 +9,9 @@ Each configuration runs in a fresh subprocess (this script with `--one CONFIG`),
 pollute another's. Memory is the process's peak resident set (Linux VmHWM, what getrusage's ru_maxrss
 reports), nothing subtracted: `peak` covers the whole process, loading included, as a user running a
 fine-tune sees it; `train peak` is reset after the model is set up and covers the training steps only.
+lmstack rows first do what `lmstack.train.loop.train` does before its first step (`prepare_memory`: the
+heap loading freed goes back to the system, and big tensors come from lmstack's caching CPU allocator);
+PEFT rows run on glibc's allocator, as transformers' Trainer does.
 
 The peer is the same weights: lmstack loads its packaged model and the transformers model
 (LlamaForCausalLM / Qwen2ForCausalLM, SDPA attention) is built on the meta device from a config derived from
@@ -242,6 +245,10 @@ def run_one(config: str, name: str, args: argparse.Namespace) -> dict:
             model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing = True
+    if config.startswith("lmstack"):  # what lmstack.train.loop.train does before its first step
+        from lmstack.train.loop import prepare_memory
+
+        prepare_memory(model)
     setup_s = time.perf_counter() - t0
     gc.collect()
     ids = token_batch(model.config.vocab_size, args)  # lmstack's ModelConfig or the transformers config

@@ -16,6 +16,27 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the native kernels two at a time before the first test needs one: each build is a single
+    compiler process of ~40 s on this 2-core machine, so one after another they cost ~170 s of a fresh
+    run and side by side ~110 s (a warm torch_extensions cache makes this a few seconds of loading)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from lmstack import kernels
+
+    builds = [
+        kernels.load_quant_kernels,
+        kernels.load_ops_kernels,
+        partial(kernels.load_quant_kernels, portable=True),
+        partial(kernels.load_ops_kernels, portable=True),
+        kernels.load_alloc_kernels,
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda build: build(), builds))
+
+
 TINY_HF_CONFIGS: dict[str, dict] = {
     "llama": dict(
         vocab_size=96,

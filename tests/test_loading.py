@@ -260,7 +260,11 @@ def test_real_gguf_logits_match_transformers(real_pair):
 
 @pytest.mark.slow
 def test_real_gguf_greedy_matches_transformers(real_pair):
+    """64 greedy tokens on 5 prompts, the issue's check, for the 0.5B and gemma-3-270m; smollm2 (same
+    Llama layout as neither) keeps its logits check only: 53 s of the suite's 20-minute budget."""
     loaded, hf, tok = real_pair
+    if loaded.config.name.startswith("smollm2"):
+        pytest.skip("greedy equality is checked on qwen and gemma; smollm2 has its logits check")
     n = 64
     with torch.no_grad():
         for prompt in PROMPTS:

@@ -183,9 +183,9 @@ def test_adapter_on_fused_quantized_projections_equals_separate_loras(tiny_check
 @pytest.mark.parametrize("dtype", ["int8", "q4"])
 def test_adapter_on_a_quantized_base_is_as_close_as_merging_then_quantizing(tiny_checkpoint, adapters, dtype):
     """Unmerged over quantized base weights, only the base is rounded; `LLM.load(adapter=..., dtype=...)`
-    rounds base + B A. Against the float merged model the served adapter is no further off on average (the
-    max over 57 positions x vocab of a tiny random model is one rounding draw: it flipped either way when
-    the attention kernel changed, so it is bounded loosely)."""
+    rounds base + B A. Against the float merged model the served adapter is about as far off: both are one
+    draw of the same rounding, so neither is smaller every time (q4's means came 0.0118 vs 0.0117 on CI),
+    and the mean is bounded at 1.05x and the max over 57 positions x vocab loosely."""
     base = str(tiny_checkpoint)
     quantized = LLM.load(base, device="cpu", dtype=dtype).model
     ids = torch.tensor([list(range(3, 60))])
@@ -195,7 +195,7 @@ def test_adapter_on_a_quantized_base_is_as_close_as_merging_then_quantizing(tiny
             merged_then_quantized = LLM.load(base, device="cpu", dtype=dtype, adapter=path).model(ids)
             served = adapter_view(quantized, path, base_model_name=base)(ids)
             served_err, merged_err = (served - ref).abs(), (merged_then_quantized - ref).abs()
-            assert served_err.mean() <= merged_err.mean()
+            assert served_err.mean() <= 1.05 * merged_err.mean()
             assert served_err.max() <= 1.5 * merged_err.max()
 
 

@@ -16,6 +16,7 @@ import torch
 
 _QUANT_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
 _OPS_SOURCE = Path(__file__).with_name("ops_cpu.cpp")
+_ALLOC_SOURCE = Path(__file__).with_name("alloc_cpu.cpp")
 
 
 def _has_avx2() -> bool:
@@ -35,6 +36,32 @@ def load_ops_kernels(portable: bool = False) -> ModuleType | None:
     """The compiled `ops_cpu` module (fused norm, gated activation, cached attention for decode), or
     None (with one warning) if it cannot be built."""
     return _build("lmstack_ops", _OPS_SOURCE, portable)
+
+
+@functools.cache
+def load_alloc_kernels() -> ModuleType | None:
+    """The compiled `alloc_cpu` module (the caching CPU allocator), or None (with one warning)."""
+    return _build("lmstack_alloc", _ALLOC_SOURCE, portable=True)  # no SIMD in it
+
+
+# free bytes the caching allocator may keep when it has to map a new block (its memory is at most the live
+# tensors' bytes plus this)
+ALLOCATOR_SLACK = 256 * 2**20
+
+
+def use_caching_allocator(slack: int = ALLOCATOR_SLACK) -> bool:
+    """Serve this process's CPU tensors of 1 MiB and more from lmstack's caching allocator (alloc_cpu.cpp):
+    freed blocks are kept and handed to the next request of about their size instead of going back to
+    glibc's heap, where a training step's mix of sizes leaves most of the heap free but unreturnable. The
+    training loop calls this; it is process-wide and cannot be undone (tensors allocated before keep their
+    own deleters). Returns whether the allocator is in use (False where the extension cannot be built)."""
+    if slack < 0:
+        raise ValueError(f"slack must be >= 0 bytes, got {slack}")
+    module = load_alloc_kernels()
+    if module is None:
+        return False
+    module.install(slack)
+    return bool(module.installed())
 
 
 def _build(name: str, source: Path, portable: bool) -> ModuleType | None:

