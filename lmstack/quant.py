@@ -26,6 +26,7 @@ packing width, nb blocks of 32 per row.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Literal, get_args
 
@@ -68,7 +69,8 @@ def _row_chunks(n_rows: int, row_len: int, budget: int) -> list[slice]:
 def _interleave_rows(codes: Tensor) -> Tensor:
     """(N, chunks, 32) -> (ceil(N/G), chunks, G, 32), zero padding rows."""
     n, chunks, _ = codes.shape
-    codes = F.pad(codes, (0, 0, 0, 0, 0, -n % ROW_GROUP))
+    if n % ROW_GROUP:  # (F.pad copies even when it adds nothing)
+        codes = F.pad(codes, (0, 0, 0, 0, 0, -n % ROW_GROUP))
     return codes.view(-1, ROW_GROUP, chunks, BLOCK).transpose(1, 2).contiguous()
 
 
@@ -80,7 +82,9 @@ def _deinterleave_rows(qweight: Tensor, n_rows: int) -> Tensor:
 def pack_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(N, K) float -> qweight int8 (ceil(N/G), K/32, G, 32) in [-127, 127], scales (N, K/32)."""
     n, k = weight.shape
-    codes = torch.empty(n, k // BLOCK, BLOCK, dtype=torch.int8, device=weight.device)
+    # the padding rows of the interleaved layout from the start: one copy of the codes fewer than padding
+    # afterwards (136 MiB for qwen's embedding table)
+    codes = torch.zeros(n + -n % ROW_GROUP, k // BLOCK, BLOCK, dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, k // BLOCK, dtype=torch.int16, device=weight.device)
     for rows in _row_chunks(n, k, _PACK_ELEMS):
         wb = weight[rows].float().view(-1, k // BLOCK, BLOCK)  # (n, nb, 32)
@@ -568,12 +572,17 @@ def _is_swappable(module: nn.Module) -> bool:
     return False
 
 
-def _quantized(module: nn.Linear | nn.Embedding, dtype: QuantDType, packed: dict[int, tuple]) -> nn.Module:
-    """One swapped module; `packed` memoizes by weight identity so tied weights pack once."""
+def _quantized(
+    module: nn.Linear | nn.Embedding, dtype: QuantDType, packed: dict[int, tuple], shared: set[int]
+) -> nn.Module:
+    """One swapped module; a weight in `shared` (ids of weights several modules hold: a tied head) packs
+    once, memoized in `packed` with the weight itself, so that its id cannot be reused meanwhile."""
     weight = module.weight
-    if id(weight) not in packed:
-        packed[id(weight)] = pack_int8(weight.detach()) if dtype == "int8" else pack_q4(weight.detach())
-    p = packed[id(weight)]
+    p = packed.get(id(weight)) if id(weight) in shared else None
+    if p is None:
+        p = pack_int8(weight.detach()) if dtype == "int8" else pack_q4(weight.detach())
+        if id(weight) in shared:
+            packed[id(weight)] = (*p, weight)
     if isinstance(module, nn.Embedding):
         if dtype == "int8":
             return Int8Embedding(p[0], p[1], dtype=weight.dtype)
@@ -602,13 +611,21 @@ def quantize_model(
         raise ValueError(f"unknown quantization dtype {dtype!r}; valid: {', '.join(map(repr, valid))}")
     packed: dict[int, tuple] = {}
     swapped: dict[int, nn.Module] = {}  # id(old) -> new, so a module used twice stays one
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    # names, not modules: a float table is freed as soon as its module is swapped (with qwen's two
+    # 544 MiB tables, holding both until the end made the load peak 0.5 GB higher); a module or weight
+    # reachable twice stays alive until its last name is swapped, so the ids below stay unambiguous
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    holders = Counter(id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)))
+    shared = {w for w, n in holders.items() if n > 1}
+    for name in names:
         if not name or (skip is not None and skip(name)):
             continue
+        module = model.get_submodule(name)
         if id(module) not in swapped:
             if not isinstance(module, (nn.Linear, nn.Embedding)) or not _is_swappable(module):
                 continue
-            swapped[id(module)] = _quantized(module, dtype, packed)
+            swapped[id(module)] = _quantized(module, dtype, packed, shared)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, swapped[id(module)])
+        del module
     return model
