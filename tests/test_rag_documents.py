@@ -133,6 +133,41 @@ def test_html_main_text_and_headings(tmp_path: Path) -> None:
     assert doc.text.startswith("Guide\n\nFirst")
 
 
+API_HTML = """<html><body><div role="main"><section><h1>json</h1><p>Intro.</p>
+<section><h2>Basic Usage</h2>
+<dl class="py function"><dt class="sig sig-object py" id="json.dumps">json.<b>dumps</b>(obj)</dt>
+<dd><p>If ensure_ascii is true, escape.</p></dd></dl>
+<dl class="py class"><dt class="sig sig-object py" id="json.JSONEncoder">class json.JSONEncoder</dt>
+<dd><p>Extensible encoder.</p>
+<dl class="py method"><dt class="sig sig-object py" id="json.JSONEncoder.default">default(o)</dt>
+<dd><p>Implement this in a subclass.</p></dd></dl>
+<p>More about the class.</p></dd></dl>
+<dl class="std option"><dt class="sig sig-object std" id="cmdoption-json.tool-indent">
+<span>--indent</span>, <span>--tab</span></dt><dd><p>Whitespace control.</p></dd></dl>
+<p>After the entries.</p>
+<dl class="simple"><dt>term</dt><dd>plain definition list</dd></dl>
+</section></section></div></body></html>"""
+
+
+def test_html_api_entries_are_headings_below_the_page_headings(tmp_path: Path) -> None:
+    """Sphinx API entries (<dt class="sig" id=...>) head their own sections, named by their id (a class's
+    methods below the class), options by their text; after the list the page's heading is back."""
+    f = tmp_path / "api.html"
+    f.write_text(API_HTML)
+    doc = load_file(f)
+    assert_partition(doc)
+    assert heading_at(doc, "Intro.") == ("json",)
+    assert heading_at(doc, "If ensure_ascii") == ("json", "Basic Usage", "json.dumps")
+    assert heading_at(doc, "Extensible") == ("json", "Basic Usage", "json.JSONEncoder")
+    assert heading_at(doc, "Implement this") == (
+        "json", "Basic Usage", "json.JSONEncoder", "json.JSONEncoder.default"
+    )  # fmt: skip
+    assert heading_at(doc, "More about the class") == ("json", "Basic Usage", "json.JSONEncoder")
+    assert heading_at(doc, "Whitespace control") == ("json", "Basic Usage", "--indent, --tab")
+    assert heading_at(doc, "After the entries") == ("json", "Basic Usage")
+    assert heading_at(doc, "plain definition") == ("json", "Basic Usage")  # a <dt> without id: no heading
+
+
 def test_html_without_main_drops_chrome(tmp_path: Path) -> None:
     f = tmp_path / "page.htm"
     f.write_text("<body><header>Site</header><nav>Nav</nav><div><p>Body text.</p></div><footer>F</footer>")

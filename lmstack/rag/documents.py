@@ -185,6 +185,27 @@ class _TextBuilder:
             self.pending = ""
 
 
+def _api_entry(dt: object) -> str | None:
+    """The name an API reference entry documents: Sphinx (and pydoc-style) pages render each function,
+    class, method or attribute as <dl><dt class="sig ..." id="os.path.splitext">signature</dt><dd>...</dd>.
+    The entry becomes a heading below the page's own, so its chunks say which API they describe (the
+    sentences themselves rarely repeat the name) and no chunk mixes two entries."""
+    classes = dt.get("class") or []  # type: ignore[attr-defined]
+    ident = dt.get("id")  # type: ignore[attr-defined]
+    if not (isinstance(ident, str) and ident and "sig" in classes):
+        return None
+    if re.fullmatch(r"[\w.]+", ident):  # a dotted name: json.JSONEncoder.default
+        return ident
+    text = re.sub(r"\s+", " ", dt.get_text(" ", strip=True))  # an option: "--indent, --tab"
+    return re.sub(r" ,", ",", text) or None
+
+
+def _entry_level(dl: object) -> int:
+    """Heading level of the entries directly in <dl> `dl`: below h6, one deeper per enclosing <dl> (a
+    class's methods sit under the class)."""
+    return 6 + len(dl.find_parents("dl"))  # type: ignore[attr-defined]
+
+
 def load_html(path: Path) -> Document:
     """Main text only: the first of <main>, role=main or a lone <article> when present, else <body>; nav,
     aside, scripts and styles go, and outside a main/article root header and footer go too (inside one the
@@ -232,10 +253,18 @@ def load_html(path: Path) -> Document:
         elif node.name in _BLOCKS:
             out.separate("\n\n")
         if closing:
+            if node.name == "dl" and heading_stack and heading_stack[-1][0] > _entry_level(node):
+                # the entries of this list end: the text after it is back under the enclosing heading
+                while heading_stack and heading_stack[-1][0] > _entry_level(node):
+                    heading_stack.pop()
+                marks.append((out.next_start(), None, tuple(t for _, t in heading_stack)))
             continue
         if node.name in ("h1", "h2", "h3", "h4", "h5", "h6") and (title := node.get_text(" ", strip=True)):
             title = re.sub(r"\s+", " ", title)
             marks.append((out.next_start(), None, _push_heading(heading_stack, int(node.name[1]), title)))
+        elif node.name == "dt" and (name := _api_entry(node)):
+            level = _entry_level(node.parent) + 1
+            marks.append((out.next_start(), None, _push_heading(heading_stack, level, name)))
         todo.append((True, node))
         todo.extend((False, child) for child in reversed(node.contents))
     return _document(path, "".join(out.parts), marks)
