@@ -196,7 +196,7 @@ def _api_entry(dt: object) -> str | None:
         return None
     if re.fullmatch(r"[\w.]+", ident):  # a dotted name: json.JSONEncoder.default
         return ident
-    text = re.sub(r"\s+", " ", dt.get_text(" ", strip=True))  # an option: "--indent, --tab"
+    text = re.sub(r"\s+", " ", dt.get_text(" ", strip=True))  # an option: "--indent, --tab"  # type: ignore[attr-defined]
     return re.sub(r" ,", ",", text) or None
 
 
