@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm", ".pdf")
 
@@ -185,25 +185,25 @@ class _TextBuilder:
             self.pending = ""
 
 
-def _api_entry(dt: object) -> str | None:
+def _api_entry(dt: Any) -> str | None:
     """The name an API reference entry documents: Sphinx (and pydoc-style) pages render each function,
     class, method or attribute as <dl><dt class="sig ..." id="os.path.splitext">signature</dt><dd>...</dd>.
     The entry becomes a heading below the page's own, so its chunks say which API they describe (the
     sentences themselves rarely repeat the name) and no chunk mixes two entries."""
-    classes = dt.get("class") or []  # type: ignore[attr-defined]
-    ident = dt.get("id")  # type: ignore[attr-defined]
+    classes = dt.get("class") or []
+    ident = dt.get("id")
     if not (isinstance(ident, str) and ident and "sig" in classes):
         return None
     if re.fullmatch(r"[\w.]+", ident):  # a dotted name: json.JSONEncoder.default
         return ident
-    text = re.sub(r"\s+", " ", dt.get_text(" ", strip=True))  # an option: "--indent, --tab"  # type: ignore[attr-defined]
+    text = re.sub(r"\s+", " ", dt.get_text(" ", strip=True))  # an option: "--indent, --tab"
     return re.sub(r" ,", ",", text) or None
 
 
-def _entry_level(dl: object) -> int:
+def _entry_level(dl: Any) -> int:
     """Heading level of the entries directly in <dl> `dl`: below h6, one deeper per enclosing <dl> (a
     class's methods sit under the class)."""
-    return 6 + len(dl.find_parents("dl"))  # type: ignore[attr-defined]
+    return 6 + len(dl.find_parents("dl"))
 
 
 def load_html(path: Path) -> Document:
