@@ -100,7 +100,7 @@ def load_lmstack(name: str, nf4: bool = False) -> nn.Module:
     from lmstack.hub import load_model
     from lmstack.nf4 import nf4_swap, quantize_tables_int8
 
-    swap = nf4_swap() if nf4 else None
+    swap = nf4_swap(tables_int8=True) if nf4 else None
     model = load_model(name, dtype=torch.float32, cache_dir=default_home(), linear_swap=swap).model
     return (quantize_tables_int8(model) if nf4 else model).train()
 

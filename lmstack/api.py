@@ -84,7 +84,7 @@ class LLM:
         if dtype == "nf4":
             from lmstack.nf4 import nf4_swap
 
-            swap = nf4_swap()
+            swap = nf4_swap(tables_int8=True)
         loaded = load_model(
             name_or_path,
             device=dev,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmstack.quant import quantize_model
+from lmstack.quant import quantize_model, quantize_module
 
 BLOCK = 64  # weights per absmax scale
 SCALE_BLOCK = 256  # absmax scales per second-level fp32 scale
@@ -199,15 +199,26 @@ def _keep_head(name: str) -> bool:
 
 
 def nf4_swap(
-    skip: Callable[[str], bool] | None = _keep_head, compute_dtype: torch.dtype = torch.float32
-) -> Callable[[str, nn.Linear], nn.Module | None]:
+    skip: Callable[[str], bool] | None = _keep_head,
+    compute_dtype: torch.dtype = torch.float32,
+    tables_int8: bool = False,
+) -> Callable[[str, nn.Linear | nn.Embedding], nn.Module | None]:
     """The `linear_swap` for loading straight into NF4 (`LLM.load(..., dtype="nf4")`): the same choice of
-    layers as `quantize_model_nf4`, made one layer at a time while the checkpoint is read."""
+    layers as `quantize_model_nf4`, made one layer at a time while the checkpoint is read. `tables_int8`:
+    the untied embedding table and the head become int8 rows as they load too (`quantize_tables_int8`,
+    one table at a time: qwen's QLoRA load peaked at 2.0 GB with both float tables resident, 1.4 GB so)."""
 
-    def swap(name: str, linear: nn.Linear) -> nn.Module | None:
-        return None if skip is not None and skip(name) else NF4Linear.from_linear(linear, compute_dtype)
+    def swap(name: str, module: nn.Linear | nn.Embedding) -> nn.Module | None:
+        if tables_int8 and name in _TABLES:
+            return quantize_module(module, "int8")
+        if not isinstance(module, nn.Linear) or (skip is not None and skip(name)):
+            return None
+        return NF4Linear.from_linear(module, compute_dtype)
 
     return swap
+
+
+_TABLES = ("tok_embeddings", "output")  # the frozen tables QLoRA keeps as int8 rows
 
 
 def quantize_model_nf4(
@@ -245,4 +256,4 @@ def quantize_tables_int8(model: nn.Module) -> nn.Module:
     Lookups dequantize only the rows they gather; the training loss reads the head a slice of rows at a
     time (lmstack.train.losses); neither table trains. `quantize_model` packs a tied head once and keeps
     tables whose width is not a multiple of 32 float."""
-    return quantize_model(model, "int8", skip=lambda name: name not in ("tok_embeddings", "output"))
+    return quantize_model(model, "int8", skip=lambda name: name not in _TABLES)

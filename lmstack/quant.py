@@ -572,6 +572,12 @@ def _is_swappable(module: nn.Module) -> bool:
     return False
 
 
+def quantize_module(module: nn.Linear | nn.Embedding, dtype: QuantDType) -> nn.Module | None:
+    """One linear layer or embedding table quantized on its own (a loader's swap), or None where
+    `quantize_model` would keep it float (width not a multiple of 32, ...)."""
+    return _quantized(module, dtype, {}, set()) if _is_swappable(module) else None
+
+
 def _quantized(
     module: nn.Linear | nn.Embedding, dtype: QuantDType, packed: dict[int, tuple], shared: set[int]
 ) -> nn.Module:

@@ -254,3 +254,25 @@ def test_int8_tables_keep_a_quarter_of_the_float_tables(tied):
     int8_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in tables}.values())
     assert int8_bytes <= float_bytes * 8.5 / 32 * 1.01
     assert rel_error(logits, reference) < 0.02
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_loading_into_qlora_quantizes_the_tables_as_they_load(tied):
+    """build_model with nf4_swap(tables_int8=True) (what LLM.load(dtype="nf4") runs) gives exactly the model
+    of loading float and then quantizing: NF4 linears, int8 tables (a tied table after loading, shared)."""
+    from lmstack.models.loading import build_model
+    from lmstack.nf4 import nf4_swap, quantize_model_nf4, quantize_tables_int8
+    from lmstack.quant import Int8Embedding, Int8Linear
+
+    torch.manual_seed(0)
+    cfg = TINY.with_(tie_embeddings=tied)
+    state = {k: v.clone() for k, v in Transformer(cfg).state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    swapped = quantize_tables_int8(build_model(cfg, dict(state), linear_swap=nf4_swap(tables_int8=True)))
+    after = build_model(cfg, dict(state))
+    after = quantize_tables_int8(quantize_model_nf4(after))
+    assert isinstance(swapped.tok_embeddings, Int8Embedding) and isinstance(swapped.output, Int8Linear)
+    assert isinstance(swapped.layers[0].attn.wq, NF4Linear)
+    assert (swapped.tok_embeddings.qweight is swapped.output.qweight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(ids), after(ids), rtol=0, atol=0)

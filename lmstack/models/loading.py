@@ -17,8 +17,9 @@ from torch import nn
 from lmstack.config import ModelConfig
 from lmstack.models.transformer import Transformer
 
-# (module name, the float nn.Linear as loaded) -> the module to install instead, or None to keep it
-LinearSwap = Callable[[str, nn.Linear], nn.Module | None]
+# (module name, the float nn.Linear or untied nn.Embedding as loaded) -> the module to install instead, or
+# None to keep it
+LinearSwap = Callable[[str, nn.Linear | nn.Embedding], nn.Module | None]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -94,8 +95,9 @@ def build_model(
     a silently random layer is the worst possible loading bug.
 
     `linear_swap` replaces nn.Linear modules as they load (a 4-bit base for QLoRA): every other tensor is
-    installed first, then each linear weight is read, handed over with its bias, and dropped, so from a
-    `SafetensorsReader` the float weights never all exist at once.
+    installed first, then each untied embedding table and each linear weight is read, handed over (with
+    its bias), and dropped, so from a `SafetensorsReader` the float weights never all exist at once. (A
+    tied table stays: its head shares it, and quantizing both together is `quant.quantize_model`'s job.)
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -104,28 +106,43 @@ def build_model(
         expected.pop("output.weight", None)
         state_dict.pop("output.weight", None)
     _check_names_and_shapes(config, expected, state_dict)
-    linears = {}  # "layers.0.attention.wq.weight" -> "layers.0.attention.wq", swapped after the rest loads
+    # "tok_embeddings.weight" -> "tok_embeddings", "layers.0.attention.wq.weight" -> ...: swapped one at a
+    # time after the rest loads, the tables first (each is gone to its swap before the head arrives)
+    swapped: dict[str, str] = {}
     if linear_swap is not None:
-        linears = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        linears = {k: n for k, n in linears.items() if k in state_dict}
+        tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        names = linears if config.tie_embeddings else tables + linears
+        swapped = {f"{n}.weight": n for n in names if f"{n}.weight" in state_dict}
     converted = {}
-    for name in [k for k in state_dict if k not in linears]:
+    for name in [k for k in state_dict if k not in swapped]:
         converted[name] = _convert(state_dict.pop(name), device, dtype)  # the source copy is freed at once
     model.load_state_dict(converted, strict=False, assign=True)
-    for key, module_name in linears.items():
+    for key, module_name in swapped.items():
         old = model.get_submodule(module_name)
-        assert isinstance(old, nn.Linear) and linear_swap is not None
-        linear = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
-        linear.weight = nn.Parameter(_convert(state_dict.pop(key), device, dtype))
-        if old.bias is not None:
-            linear.bias = old.bias
-        new = linear_swap(module_name, linear)
+        assert linear_swap is not None
+        loaded = _as_loaded(old, _convert(state_dict.pop(key), device, dtype))
+        new = linear_swap(module_name, loaded)
         parent, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear if new is None else new)
-        del linear, new  # the float weight goes here unless the swap kept it
+        setattr(model.get_submodule(parent), child, loaded if new is None else new)
+        del loaded, new  # the float weight goes here unless the swap kept it
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
+
+
+def _as_loaded(old: nn.Module, weight: torch.Tensor) -> nn.Linear | nn.Embedding:
+    """A fresh float module like `old` (built on meta) holding `weight` and `old`'s bias."""
+    module: nn.Linear | nn.Embedding
+    if isinstance(old, nn.Embedding):
+        module = nn.Embedding(old.num_embeddings, old.embedding_dim, old.padding_idx, device="meta")
+    else:
+        assert isinstance(old, nn.Linear)
+        module = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
+        if old.bias is not None:
+            module.bias = old.bias
+    module.weight = nn.Parameter(weight)
+    return module
 
 
 def _convert(t: torch.Tensor, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
