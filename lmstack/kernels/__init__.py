@@ -46,7 +46,7 @@ def load_alloc_kernels() -> ModuleType | None:
 
 # free bytes the caching allocator may keep when it has to map a new block (its memory is at most the live
 # tensors' bytes plus this)
-ALLOCATOR_SLACK = 256 * 2**20
+ALLOCATOR_SLACK = 64 * 2**20
 
 
 def use_caching_allocator(slack: int = ALLOCATOR_SLACK) -> bool:
