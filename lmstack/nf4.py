@@ -206,7 +206,7 @@ def nf4_swap(
     """The `linear_swap` for loading straight into NF4 (`LLM.load(..., dtype="nf4")`): the same choice of
     layers as `quantize_model_nf4`, made one layer at a time while the checkpoint is read. `tables_int8`:
     the untied embedding table and the head become int8 rows as they load too (`quantize_tables_int8`,
-    one table at a time: qwen's QLoRA load peaked at 2.0 GB with both float tables resident, 1.4 GB so)."""
+    one table at a time: qwen's QLoRA load peaked at 2.0 GB with both float tables resident, 1.5 GB so)."""
 
     def swap(name: str, module: nn.Linear | nn.Embedding) -> nn.Module | None:
         if tables_int8 and name in _TABLES:

@@ -90,6 +90,13 @@ def test_a_training_step_is_the_same_on_either_allocator():
     assert caching[2:] == system[2:]
 
 
-def test_negative_slack_is_refused():
+def test_negative_slack_and_an_unknown_allocator_are_refused(monkeypatch):
+    from torch import nn
+
+    from lmstack.train.loop import prepare_memory
+
     with pytest.raises(ValueError, match="slack must be >= 0"):
         use_caching_allocator(slack=-1)
+    monkeypatch.setenv("LMSTACK_CPU_ALLOCATOR", "glibc")
+    with pytest.raises(ValueError, match="must be 'caching' or 'system', got 'glibc'"):
+        prepare_memory(nn.Linear(2, 2))

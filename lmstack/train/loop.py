@@ -167,6 +167,9 @@ def prepare_memory(model: nn.Module) -> bool:
     keeps a step's freed blocks for the next step instead of leaving them cut up in glibc's heap: on
     smollm2-135m with checkpointing a step's peak went from ~1.4 to ~0.9 GB, flat from step to step.
     LMSTACK_CPU_ALLOCATOR=system keeps glibc's. Returns whether the caching allocator is in use."""
+    choice = os.environ.get("LMSTACK_CPU_ALLOCATOR", "caching")
+    if choice not in ("caching", "system"):
+        raise ValueError(f"LMSTACK_CPU_ALLOCATOR must be 'caching' or 'system', got {choice!r}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         return False
     gc.collect()
@@ -174,7 +177,7 @@ def prepare_memory(model: nn.Module) -> bool:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-    if os.environ.get("LMSTACK_CPU_ALLOCATOR", "caching") == "system":
+    if choice == "system":
         return False
     from lmstack.kernels import use_caching_allocator
 
