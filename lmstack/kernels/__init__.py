@@ -64,6 +64,15 @@ def use_caching_allocator(slack: int = ALLOCATOR_SLACK) -> bool:
     return bool(module.installed())
 
 
+def empty_allocator_cache() -> int:
+    """Unmap the caching allocator's free blocks (the live ones stay); the bytes given back, 0 when the
+    allocator is not in use."""
+    if not load_alloc_kernels.cache_info().currsize:  # never loaded, so never installed
+        return 0
+    module = load_alloc_kernels()
+    return int(module.empty_cache()) if module is not None else 0
+
+
 def _build(name: str, source: Path, portable: bool) -> ModuleType | None:
     simd = _has_avx2() and not portable
     # -fopenmp: at::parallel_for is header-inline OpenMP; without it, it silently runs serially.

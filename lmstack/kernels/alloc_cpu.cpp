@@ -13,10 +13,11 @@
 //                    ask (2 MiB pages: 512x fewer faults and TLB entries); on free it is kept in a free
 //                    list by size, and a request takes the smallest free block of at least its size and at
 //                    most 1/8 larger
-//   misses           before mapping anything new, free blocks beyond `slack` bytes are unmapped, oldest
-//                    first, so the process never holds more than (live bytes + slack): memory only grows
-//                    on a miss, and a miss first gives back what sits unused; and a free beyond 4 x slack
-//                    unmaps the oldest free blocks too (nothing hoards a freed model's memory)
+//   misses           before mapping a new block, free blocks are unmapped, oldest first, until as many
+//                    bytes are given back or only `slack` bytes are left free: memory grows only when
+//                    free blocks are scarce, so the process holds at most (live bytes + slack); freed
+//                    blocks otherwise stay for the next step (as on a GPU, empty_cache() returns them:
+//                    the training loop calls it when it ends)
 //
 // Every block's size is in a table keyed by its address, so the deleter is a plain function (raw_deleter:
 // code that frees raw pointers, e.g. at::Allocator::raw_allocate users, works too). Thread-safe by one mutex.
@@ -114,7 +115,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       return block.ptr;
     }
     stats_.misses++;
-    TrimTo(slack_);  // give back what sits unused before growing
+    MakeRoom(size);  // give back what sits unused before growing
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(p != MAP_FAILED, "lmstack caching allocator: out of memory mapping ", size, " bytes");
 #ifdef MADV_HUGEPAGE
@@ -135,31 +136,44 @@ class CachingCPUAllocator final : public c10::Allocator {
         age_.push_back({p, size});
         by_size_.emplace(size, std::prev(age_.end()));
         stats_.free_bytes += static_cast<int64_t>(size);
-        TrimTo(4 * slack_);  // a freed model's blocks no request wants do not stay mapped forever
         return;
       }
     }
     c10::free_cpu(p);  // a small block (or one allocated before this allocator was installed)
   }
 
+  // Before mapping `size` new bytes: unmap free blocks, oldest first, until `size` bytes are given back or
+  // at most `slack_` free bytes remain. Mapped memory then grows only when free blocks are scarce, so it
+  // stays within (live + slack); and a miss gives back no more than it takes, so one new size does not
+  // throw away the blocks the rest of the step would reuse. Caller holds the mutex.
+  void MakeRoom(size_t size) {
+    size_t given = 0;
+    while (!age_.empty() && static_cast<size_t>(stats_.free_bytes) > slack_ && given < size) {
+      given += age_.front().size;
+      UnmapOldest();
+    }
+  }
+
   // Unmap free blocks, oldest first, until at most `limit` free bytes remain. Caller holds the mutex.
   void TrimTo(size_t limit) {
-    while (!age_.empty() && static_cast<size_t>(stats_.free_bytes) > limit) {
-      FreeBlock block = age_.front();
-      auto range = by_size_.equal_range(block.size);
-      for (auto it = range.first; it != range.second; ++it) {
-        if (it->second == age_.begin()) {
-          by_size_.erase(it);
-          break;
-        }
+    while (!age_.empty() && static_cast<size_t>(stats_.free_bytes) > limit) UnmapOldest();
+  }
+
+  void UnmapOldest() {
+    FreeBlock block = age_.front();
+    auto range = by_size_.equal_range(block.size);
+    for (auto it = range.first; it != range.second; ++it) {
+      if (it->second == age_.begin()) {
+        by_size_.erase(it);
+        break;
       }
-      age_.pop_front();
-      munmap(block.ptr, block.size);
-      sizes_.erase(block.ptr);
-      stats_.free_bytes -= static_cast<int64_t>(block.size);
-      stats_.mapped -= static_cast<int64_t>(block.size);
-      stats_.unmapped++;
     }
+    age_.pop_front();
+    munmap(block.ptr, block.size);
+    sizes_.erase(block.ptr);
+    stats_.free_bytes -= static_cast<int64_t>(block.size);
+    stats_.mapped -= static_cast<int64_t>(block.size);
+    stats_.unmapped++;
   }
 
   std::mutex mutex_;
