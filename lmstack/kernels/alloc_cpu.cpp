@@ -117,6 +117,10 @@ class CachingCPUAllocator final : public c10::Allocator {
     stats_.misses++;
     MakeRoom(size);  // give back what sits unused before growing
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED && stats_.free_bytes > 0) {  // the kept blocks go before giving up
+      TrimTo(0);
+      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    }
     TORCH_CHECK(p != MAP_FAILED, "lmstack caching allocator: out of memory mapping ", size, " bytes");
 #ifdef MADV_HUGEPAGE
     if (size >= kHuge) madvise(p, size, MADV_HUGEPAGE);  // advice only: ignored where THP is off
