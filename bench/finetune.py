@@ -332,6 +332,8 @@ def write_hf_folder(name: str, folder: Path) -> None:
 
 
 def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict | None]:
+    """Every configuration `args.rounds` times, in the given order on even rounds and reversed on odd ones
+    (this machine's speed drifts within minutes: alternating cancels a trend), merged per configuration."""
     eq = None if args.skip_check else child(args, "equivalence", name)
     if eq is not None:
         print(
@@ -340,30 +342,60 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict |
             f"{'same' if eq['same'] else 'DIFFERENT'}",
             flush=True,
         )
-    rows: list[dict] = []
+    configs = args.configs.split(",")
+    runs: dict[str, list[dict]] = {}
+    missing: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="lmstack-bench-hf-") as tmp:
-        for config in args.configs.split(","):
-            extra: tuple[str, ...] = ()
-            if config == "peft-qlora":
-                if importlib.util.find_spec("bitsandbytes") is None:
-                    rows.append({"model": name, "config": config, "missing": "bitsandbytes is not installed"})
-                    print(f"  {name} {config}: skipped (bitsandbytes is not installed)", flush=True)
+        for round_ in range(args.rounds):
+            for config in configs if round_ % 2 == 0 else configs[::-1]:
+                if config in missing:
                     continue
-                folder = Path(tmp) / "hf"
-                if not folder.exists():
-                    write_hf_folder(name, folder)
-                extra = ("--hf-dir", str(folder))
-            r = child(args, config, name, extra)
-            if r is None:
-                rows.append({"model": name, "config": config, "missing": "failed"})
-                continue
-            rows.append(r)
-            print(
-                f"  {name} {config}: step {r['step_ms_median']:.0f} ms (median), "
-                f"peak {r['peak_rss_mib']:.0f} MiB, losses {[round(x, 4) for x in r['losses']]}",
-                flush=True,
-            )
+                extra: tuple[str, ...] = ()
+                if config == "peft-qlora":
+                    if importlib.util.find_spec("bitsandbytes") is None:
+                        missing[config] = {
+                            "model": name,
+                            "config": config,
+                            "missing": "bitsandbytes is not installed",
+                        }
+                        print(f"  {name} {config}: skipped (bitsandbytes is not installed)", flush=True)
+                        continue
+                    folder = Path(tmp) / "hf"
+                    if not folder.exists():
+                        write_hf_folder(name, folder)
+                    extra = ("--hf-dir", str(folder))
+                r = child(args, config, name, extra)
+                if r is None:
+                    missing[config] = {"model": name, "config": config, "missing": "failed"}
+                    continue
+                runs.setdefault(config, []).append(r)
+                losses = [round(x, 4) for x in r["losses"]]
+                print(
+                    f"  {name} {config} (round {round_ + 1}/{args.rounds}): step {r['step_ms_median']:.0f} "
+                    f"ms (median), peak {r['peak_rss_mib']:.0f} MiB, losses {losses}",
+                    flush=True,
+                )
+    rows = [missing[c] if c in missing else merge_rounds(runs[c]) for c in configs]
     return rows, eq
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One configuration's rounds as one row: step time is the median over every timed step of every round,
+    peak memory the median of the rounds' peaks; each round's own median and peak are kept beside."""
+    merged = dict(results[0])
+    steps = [t for r in results for t in r["step_ms"]]
+    merged |= {
+        "rounds": len(results),
+        "step_ms": steps,
+        "step_ms_median": statistics.median(steps),
+        "step_ms_mean": statistics.mean(steps),
+        "round_step_ms_median": [r["step_ms_median"] for r in results],
+        "round_peak_rss_mib": [r["peak_rss_mib"] for r in results],
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in results),
+    }
+    trains = [r["train_peak_rss_mib"] for r in results if r["train_peak_rss_mib"]]
+    merged["train_peak_rss_mib"] = statistics.median(trains) if len(trains) == len(results) else None
+    return merged
 
 
 def ratios(rows: list[dict]) -> None:
@@ -438,11 +470,17 @@ def main() -> None:
         "--checkpointing", type=int, choices=(0, 1), default=0,
         help="1: gradient checkpointing in every configuration (the QLoRA recipe's setting)",
     )  # fmt: skip
+    ap.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every configuration this many times, alternating the order; rows merge the rounds",
+    )  # fmt: skip
     ap.add_argument("--skip-check", action="store_true", help="skip the lmstack == PEFT loss check")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--one", choices=[*CONFIGS, "equivalence"], help=argparse.SUPPRESS)  # subprocess mode
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
 
     if args.one:
@@ -466,7 +504,7 @@ def main() -> None:
     print()
     targets = verdicts(rows)
     if args.json:
-        keys = ("batch", "seq", "steps", "warmup", "threads", "rank", "alpha", "checkpointing")
+        keys = ("batch", "seq", "steps", "warmup", "threads", "rank", "alpha", "checkpointing", "rounds")
         meta = {k: getattr(args, k) for k in keys}
         meta |= {"targets": args.targets, "torch": torch.__version__}
         meta["machine"] = platform.processor() or platform.machine()
