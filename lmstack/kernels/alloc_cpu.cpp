@@ -80,13 +80,8 @@ class CachingCPUAllocator final : public c10::Allocator {
   int64_t empty_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
     const int64_t before = stats_.free_bytes;
-    TrimTo(0);
+    UnmapFree();
     return before - stats_.free_bytes;
-  }
-
-  void reset_peak() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stats_.peak_mapped = stats_.mapped;
   }
 
   static CachingCPUAllocator* instance;
@@ -118,7 +113,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     MakeRoom(size);  // give back what sits unused before growing
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED && stats_.free_bytes > 0) {  // the kept blocks go before giving up
-      TrimTo(0);
+      UnmapFree();
       p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     }
     TORCH_CHECK(p != MAP_FAILED, "lmstack caching allocator: out of memory mapping ", size, " bytes");
@@ -158,9 +153,9 @@ class CachingCPUAllocator final : public c10::Allocator {
     }
   }
 
-  // Unmap free blocks, oldest first, until at most `limit` free bytes remain. Caller holds the mutex.
-  void TrimTo(size_t limit) {
-    while (!age_.empty() && static_cast<size_t>(stats_.free_bytes) > limit) UnmapOldest();
+  // Unmap every free block. Caller holds the mutex.
+  void UnmapFree() {
+    while (!age_.empty()) UnmapOldest();
   }
 
   void UnmapOldest() {
@@ -218,10 +213,6 @@ int64_t empty_cache() {
   return CachingCPUAllocator::instance == nullptr ? 0 : CachingCPUAllocator::instance->empty_cache();
 }
 
-void reset_peak() {
-  if (CachingCPUAllocator::instance != nullptr) CachingCPUAllocator::instance->reset_peak();
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -229,5 +220,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("installed", &installed, "whether CPU tensors come from the caching allocator");
   m.def("stats", &stats, "bytes mapped / free / peak mapped, and hit, miss and unmap counts");
   m.def("empty_cache", &empty_cache, "unmap every free block; returns the bytes given back");
-  m.def("reset_peak", &reset_peak, "restart peak_mapped at the bytes mapped now");
 }

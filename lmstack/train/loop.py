@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lmstack.kernels import empty_allocator_cache, use_caching_allocator
+
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 Collate = Callable[[list[Any]], Batch]
@@ -161,14 +163,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def release_cached_memory() -> int:
-    """Give the caching allocator's free blocks back to the system (bytes; 0 when it is not in use): the
-    next step would have reused them, but training is over."""
-    from lmstack.kernels import empty_allocator_cache
-
-    return empty_allocator_cache()
-
-
 def prepare_memory(model: nn.Module) -> bool:
     """Before the first step of a CPU model: hand the heap that loading freed back to the system (glibc's
     malloc_trim) and serve the steps' big tensors from lmstack's caching allocator (lmstack.kernels), which
@@ -187,8 +181,6 @@ def prepare_memory(model: nn.Module) -> bool:
         pass
     if choice == "system":
         return False
-    from lmstack.kernels import use_caching_allocator
-
     return use_caching_allocator()
 
 
@@ -432,7 +424,7 @@ def train(
     finally:
         bar.close()
         log.close()
-        release_cached_memory()
+        empty_allocator_cache()  # the next step would have reused the free blocks; training is over
     result = TrainResult(step, history, time.perf_counter() - t0, estimate, peak_rss_bytes(), out)
     if progress:
         print(f"measured peak memory {result.measured_peak_bytes / 2**30:.2f} GiB (process RSS)")
