@@ -9,9 +9,9 @@ Each configuration runs in a fresh subprocess (this script with `--one CONFIG`),
 pollute another's. Memory is the process's peak resident set (Linux VmHWM, what getrusage's ru_maxrss
 reports), nothing subtracted: `peak` covers the whole process, loading included, as a user running a
 fine-tune sees it; `train peak` is reset after the model is set up and covers the training steps only.
-lmstack rows first do what `lmstack.train.loop.train` does before its first step (`prepare_memory`: the
-heap loading freed goes back to the system, and big tensors come from lmstack's caching CPU allocator);
-PEFT rows run on glibc's allocator, as transformers' Trainer does.
+lmstack rows do what `lmstack finetune` does: tensors come from lmstack's caching CPU allocator from before
+loading on, and before the first step what loading freed goes back to the system (`prepare_memory`); PEFT
+rows run on glibc's allocator, as transformers' Trainer does.
 
 The peer is the same weights: lmstack loads its packaged model and the transformers model
 (LlamaForCausalLM / Qwen2ForCausalLM, SDPA attention) is built on the meta device from a config derived from
@@ -239,6 +239,10 @@ def run_one(config: str, name: str, args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process: set up, train, report times and memory."""
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    if config.startswith("lmstack"):  # what `lmstack finetune` does before it loads the model
+        from lmstack.train.loop import use_training_allocator
+
+        use_training_allocator()
     model, loss_fn, base_bytes = setup(config, name, args)
     if args.checkpointing:  # every row alike: recompute each block in backward, keep only block inputs
         if config.startswith("peft"):

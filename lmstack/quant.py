@@ -42,7 +42,7 @@ BLOCK = 32  # inputs per quantization block, for weights and activations alike
 # beat MKL sgemm on 896x4864 up to ~128 rows for q4 (int8 further), so only long prompts switch.
 PREFILL_MIN_ROWS = 128
 _TILE_ELEMS = 1 << 20  # dequantized weights per prefill tile (4 MiB float32, stays in cache)
-_PACK_ELEMS = 1 << 24  # weights packed per chunk: bounds the float temporaries
+_PACK_ELEMS = 1 << 22  # weights packed per chunk: bounds the float temporaries (16 MiB each)
 
 
 # ---------------------------------------------------------------- packing ----

@@ -28,7 +28,7 @@ def test_freed_blocks_are_reused_and_memory_stays_bounded():
         assert use_caching_allocator(slack=8 * 2**20)
         k = load_alloc_kernels()
         assert k.installed()
-        small = torch.ones(10)  # below 1 MiB: the default allocator, as before
+        small = torch.ones(10)  # below 16 KiB: the default allocator, as before
         for _ in range(20):  # the same sizes again and again, as training steps allocate
             a = torch.full((1024, 1024), 2.0)  # 4 MiB
             b = torch.full((3, 1024, 1024), 3.0)  # 12 MiB
@@ -53,6 +53,40 @@ def test_freed_blocks_are_reused_and_memory_stays_bounded():
         """
     )
     assert out.split() == ["ok", "10.0"]
+
+
+def test_mid_sized_blocks_share_size_steps_and_only_similar_big_blocks_make_room():
+    out = run(
+        """
+        import torch
+        from lmstack.kernels import load_alloc_kernels, use_caching_allocator
+        assert use_caching_allocator(slack=0)
+        k = load_alloc_kernels()
+        # 16 KiB - 1 MiB rounds up to 8 steps per power of two: 17,000 and 20,000 bytes share a 20 KiB block
+        a = torch.empty(17_000, dtype=torch.uint8)
+        del a
+        b = torch.empty(20_000, dtype=torch.uint8)
+        s = k.stats()
+        assert s["misses"] == 1 and s["hits"] == 1 and s["mapped"] == 20 * 2**10, s
+        del b
+        # a 12 MiB block and the 20 KiB one are free; a 1.5 MiB miss (slack 0) unmaps neither: the big one
+        # is more than twice its size, and mid-sized blocks wait for empty_cache
+        big = torch.empty(3 * 2**20)
+        del big
+        c = torch.empty(3 * 2**19 // 4)
+        s = k.stats()
+        assert s["unmapped"] == 0 and s["free"] == 12 * 2**20 + 20 * 2**10, s
+        del c
+        # a 7 MiB miss may take the 12 MiB block's place (and the 1.5 MiB one's): free drops to what fits
+        d = torch.empty(7 * 2**20 // 4)
+        s = k.stats()
+        assert s["unmapped"] >= 1 and s["free"] < 12 * 2**20, s
+        del d
+        assert k.empty_cache() > 0 and k.stats()["mapped"] == 0
+        print("ok")
+        """
+    )
+    assert out.split() == ["ok"]
 
 
 def test_a_training_step_is_the_same_on_either_allocator():
@@ -99,6 +133,8 @@ def test_negative_slack_and_an_unknown_allocator_are_refused(monkeypatch):
 
     with pytest.raises(ValueError, match="slack must be >= 0"):
         use_caching_allocator(slack=-1)
+    with pytest.raises(ValueError, match="min_bytes must be >= 1"):
+        use_caching_allocator(min_bytes=0)
     monkeypatch.setenv("LMSTACK_CPU_ALLOCATOR", "glibc")
     with pytest.raises(ValueError, match="must be 'caching' or 'system', got 'glibc'"):
         prepare_memory(nn.Linear(2, 2))

@@ -171,18 +171,19 @@ def test_labelled_logits_equal_the_full_forward_at_labelled_positions() -> None:
 
 @pytest.mark.parametrize(
     "setup",
-    ["lora", "full-tied", "softcap", "qlora-int8-head", "qlora-int8-tied"],
-    ids=["lora-head-frozen", "full-tied-head-trains", "softcap", "qlora-int8-head", "qlora-int8-tied"],
+    ["lora", "full-tied", "softcap", "qlora-int8-head", "qlora-int8-tied", "qlora-int8-softcap"],
+    ids=lambda s: {"lora": "lora-head-frozen", "full-tied": "full-tied-head-trains"}.get(s, s),
 )
 def test_chunked_head_loss_equals_plain_cross_entropy(setup: str, monkeypatch) -> None:
     """sft_loss's chunked head (no (N, V) logits kept) gives the loss and every gradient of the plain path:
     a frozen head, a trained head tied to the embeddings, a final logit soft-cap (gemma-2 style), and
-    QLoRA's int8 head (untied, and sharing the tied embedding's codes), read a few rows at a time."""
+    QLoRA's int8 head (untied, sharing the tied embedding's codes, and soft-capped), read a few vocabulary
+    rows at a time in two passes."""
     from lmstack.nf4 import quantize_model_nf4, quantize_tables_int8
     from lmstack.quant import Int8Embedding, Int8Linear
     from lmstack.train import losses
 
-    softcap = 5.0 if setup == "softcap" else None
+    softcap = 5.0 if setup in ("softcap", "qlora-int8-softcap") else None
     config = TINY.with_(tie_embeddings=setup in ("full-tied", "qlora-int8-tied"), final_softcap=softcap)
     torch.manual_seed(0)
     model = Transformer(config)
@@ -191,7 +192,8 @@ def test_chunked_head_loss_equals_plain_cross_entropy(setup: str, monkeypatch) -
         assert isinstance(model.tok_embeddings, Int8Embedding) and isinstance(model.output, Int8Linear)
         if setup == "qlora-int8-tied":
             assert model.output.qweight is model.tok_embeddings.qweight  # one copy of the codes
-        monkeypatch.setattr(losses, "HEAD_SLICE_ROWS", 24)  # 64 rows: slices of 24, 24, 16
+        monkeypatch.setattr(losses, "INT8_SLICE_MIN_ROWS", 24)  # 64 rows: slices of 24, 24, 16
+        monkeypatch.setattr(losses, "INT8_SLICE_LOGITS", 1)
     if setup != "full-tied" and setup != "softcap":
         apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert losses._plain_head(model) is not None  # the chunked path applies

@@ -47,20 +47,25 @@ def load_alloc_kernels() -> ModuleType | None:
 # free bytes the caching allocator may keep when it has to map a new block (its memory is at most the live
 # tensors' bytes plus this)
 ALLOCATOR_SLACK = 64 * 2**20
+# smaller tensors stay with glibc: a mapping per 4 KiB bias or norm statistic would cost more than it saves
+ALLOCATOR_MIN_BYTES = 16 * 2**10
 
 
-def use_caching_allocator(slack: int = ALLOCATOR_SLACK) -> bool:
-    """Serve this process's CPU tensors of 1 MiB and more from lmstack's caching allocator (alloc_cpu.cpp):
-    freed blocks are kept and handed to the next request of about their size instead of going back to
-    glibc's heap, where a training step's mix of sizes leaves most of the heap free but unreturnable. The
-    training loop calls this; it is process-wide and cannot be undone (tensors allocated before keep their
-    own deleters). Returns whether the allocator is in use (False where the extension cannot be built)."""
+def use_caching_allocator(slack: int = ALLOCATOR_SLACK, min_bytes: int = ALLOCATOR_MIN_BYTES) -> bool:
+    """Serve this process's CPU tensors of `min_bytes` and more from lmstack's caching allocator
+    (alloc_cpu.cpp): freed blocks are kept and handed to the next request of about their size instead of
+    going back to glibc's heap, where a training step's mix of sizes leaves most of the heap free but
+    unreturnable. Training calls this; it is process-wide and cannot be undone (tensors allocated before keep
+    their own deleters), and a second call only changes the slack. Returns whether the allocator is in use
+    (False where the extension cannot be built)."""
     if slack < 0:
         raise ValueError(f"slack must be >= 0 bytes, got {slack}")
+    if min_bytes < 1:
+        raise ValueError(f"min_bytes must be >= 1, got {min_bytes}")
     module = load_alloc_kernels()
     if module is None:
         return False
-    module.install(slack)
+    module.install(slack, min_bytes)
     return bool(module.installed())
 
 

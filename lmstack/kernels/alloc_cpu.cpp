@@ -8,11 +8,15 @@
 // time here). A step's allocations repeat step after step, so the fix is the one GPU allocators use: keep
 // freed big blocks and hand them back to the next request of about the same size.
 //
-//   small (< kBig)   the default CPU allocator (c10::alloc_cpu), as before
-//   big              a private mapping rounded up to kRound, MADV_HUGEPAGE where the kernel lets a process
-//                    ask (2 MiB pages: 512x fewer faults and TLB entries); on free it is kept in a free
-//                    list by size, and a request takes the smallest free block of at least its size and at
-//                    most 1/8 larger
+//   small            requests under `min_bytes` (16 KiB from Python): the default CPU allocator
+//                    (c10::alloc_cpu), as before
+//   the rest         a private mapping rounded up to 4 KiB pages (64 KiB from 1 MiB), MADV_HUGEPAGE where
+//                    the kernel lets a process ask (2 MiB pages: 512x fewer faults and TLB entries); on
+//                    free it is kept in a free list by size, and a request takes the smallest free block
+//                    of at least its size and at most 1/8 larger. Mid-sized blocks matter as much as big
+//                    ones: left to glibc, a step's 16 KiB - 1 MiB activations (smollm2's k and v) and the
+//                    long-lived optimizer states share one heap, which fragments (158 of a 356 MiB heap
+//                    free after three QLoRA steps)
 //   misses           before mapping a new block, free blocks are unmapped, oldest first, until as many
 //                    bytes are given back or only `slack` bytes are left free: memory grows only when
 //                    free blocks are scarce, so the process holds at most (live bytes + slack); freed
@@ -36,8 +40,9 @@
 
 namespace {
 
-constexpr size_t kBig = size_t(1) << 20;    // requests from 1 MiB take the caching path
-constexpr size_t kRound = size_t(1) << 16;  // sizes round up to 64 KiB
+constexpr size_t kPage = size_t(1) << 12;       // the smallest rounding step: a page
+constexpr size_t kRound = size_t(1) << 16;      // the step from kRoundFrom on: 64 KiB
+constexpr size_t kRoundFrom = size_t(1) << 20;
 constexpr size_t kHuge = size_t(2) << 20;   // blocks of at least one 2 MiB page ask for huge pages
 
 struct Stats {
@@ -49,10 +54,10 @@ struct Stats {
 
 class CachingCPUAllocator final : public c10::Allocator {
  public:
-  explicit CachingCPUAllocator(size_t slack) : slack_(slack) {}
+  CachingCPUAllocator(size_t slack, size_t min_bytes) : slack_(slack), min_bytes_(min_bytes) {}
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < kBig) {
+    if (n < min_bytes_) {
       void* p = c10::alloc_cpu(n);
       return {p, p, &Free, c10::Device(c10::DeviceType::CPU)};
     }
@@ -97,8 +102,20 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (p != nullptr) instance->Release(p);
   }
 
+  // Below 1 MiB a request rounds up to one of 8 steps per power of two (4 KiB pages at least), so the many
+  // slightly different mid sizes of a step share blocks: a miss maps a block and, once more than the slack
+  // is free, unmaps one, so misses must stay rare. From 1 MiB, 64 KiB steps (little waste on big blocks).
+  static size_t RoundUp(size_t n) {
+    size_t step = kRound;
+    if (n < kRoundFrom) {
+      step = kPage;
+      while (step * 16 <= n) step *= 2;  // n in [8 step, 16 step): at most 1/8 of n's power of two
+    }
+    return (n + step - 1) / step * step;
+  }
+
   void* Take(size_t n) {
-    const size_t size = (n + kRound - 1) / kRound * kRound;
+    const size_t size = RoundUp(n);
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = by_size_.lower_bound(size);
     if (it != by_size_.end() && it->first <= size + size / 8) {  // reuse: at most 1/8 wasted
@@ -110,7 +127,7 @@ class CachingCPUAllocator final : public c10::Allocator {
       return block.ptr;
     }
     stats_.misses++;
-    MakeRoom(size);  // give back what sits unused before growing
+    if (size >= kRoundFrom) MakeRoom(size);  // give back what sits unused before growing
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED && stats_.free_bytes > 0) {  // the kept blocks go before giving up
       UnmapFree();
@@ -143,40 +160,49 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   // Before mapping `size` new bytes: unmap free blocks, oldest first, until `size` bytes are given back or
   // at most `slack_` free bytes remain. Mapped memory then grows only when free blocks are scarce, so it
-  // stays within (live + slack); and a miss gives back no more than it takes, so one new size does not
-  // throw away the blocks the rest of the step would reuse. Caller holds the mutex.
+  // stays within (live + slack + the free blocks below); and a miss gives back no more than it takes, so
+  // one new size does not throw away the blocks the rest of the step would reuse. Only blocks of 1 MiB
+  // to twice the request's size go this way. Mid-sized blocks (below 1 MiB, 48 size steps) stay until
+  // empty_cache(): a step needs the same ones again, and evicting them made each miss cause the next
+  // (560 misses a step on smollm2). And a mid-sized miss that unmapped a 100 MiB activation block would
+  // make the next step miss that block. Caller holds the mutex.
   void MakeRoom(size_t size) {
     size_t given = 0;
-    while (!age_.empty() && static_cast<size_t>(stats_.free_bytes) > slack_ && given < size) {
-      given += age_.front().size;
-      UnmapOldest();
+    for (auto it = age_.begin(); it != age_.end() && given < size;) {
+      if (static_cast<size_t>(stats_.free_bytes) <= slack_) break;
+      if (it->size < kRoundFrom || it->size > 2 * size) {
+        ++it;
+        continue;
+      }
+      given += it->size;
+      it = Unmap(it);
     }
   }
 
   // Unmap every free block. Caller holds the mutex.
   void UnmapFree() {
-    while (!age_.empty()) UnmapOldest();
+    while (!age_.empty()) Unmap(age_.begin());
   }
 
-  void UnmapOldest() {
-    FreeBlock block = age_.front();
-    auto range = by_size_.equal_range(block.size);
+  Age::iterator Unmap(Age::iterator block) {
+    auto range = by_size_.equal_range(block->size);
     for (auto it = range.first; it != range.second; ++it) {
-      if (it->second == age_.begin()) {
+      if (it->second == block) {
         by_size_.erase(it);
         break;
       }
     }
-    age_.pop_front();
-    munmap(block.ptr, block.size);
-    sizes_.erase(block.ptr);
-    stats_.free_bytes -= static_cast<int64_t>(block.size);
-    stats_.mapped -= static_cast<int64_t>(block.size);
+    munmap(block->ptr, block->size);
+    sizes_.erase(block->ptr);
+    stats_.free_bytes -= static_cast<int64_t>(block->size);
+    stats_.mapped -= static_cast<int64_t>(block->size);
     stats_.unmapped++;
+    return age_.erase(block);
   }
 
   std::mutex mutex_;
   size_t slack_;
+  const size_t min_bytes_;  // smaller requests go to the default allocator
   Stats stats_;
   Age age_;
   std::multimap<size_t, Age::iterator> by_size_;
@@ -187,10 +213,12 @@ CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
 
 // Installs the allocator for every CPU tensor allocated from now on (once per process; later calls only set
 // the slack). Tensors allocated before keep their own deleters. Priority 1 beats the default allocator's 0.
-bool install(int64_t slack) {
+bool install(int64_t slack, int64_t min_bytes) {
   TORCH_CHECK(slack >= 0, "slack must be >= 0 bytes, got ", slack);
+  TORCH_CHECK(min_bytes >= 1, "min_bytes must be >= 1, got ", min_bytes);
   if (CachingCPUAllocator::instance == nullptr) {
-    CachingCPUAllocator::instance = new CachingCPUAllocator(static_cast<size_t>(slack));  // lives forever
+    CachingCPUAllocator::instance =
+        new CachingCPUAllocator(static_cast<size_t>(slack), static_cast<size_t>(min_bytes));  // lives forever
     c10::SetCPUAllocator(CachingCPUAllocator::instance, /*priority=*/1);
     return true;
   }
@@ -216,7 +244,8 @@ int64_t empty_cache() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("install", &install, "install the caching allocator for CPU tensors (slack: free bytes kept on a miss)");
+  m.def("install", &install,
+        "install the caching allocator for CPU tensors of min_bytes and more (slack: free bytes kept on a miss)");
   m.def("installed", &installed, "whether CPU tensors come from the caching allocator");
   m.def("stats", &stats, "bytes mapped / free / peak mapped, and hit, miss and unmap counts");
   m.def("empty_cache", &empty_cache, "unmap every free block; returns the bytes given back");

@@ -39,6 +39,7 @@ from lmstack.data import (
 from lmstack.data.prompts import load_prompt_jsonl, tokenize_prompts
 from lmstack.lora import LoraConfig, apply_lora, disable_adapters, trainable_parameters
 from lmstack.train import TrainConfig, TrainResult, train
+from lmstack.train.loop import use_training_allocator
 from lmstack.train.losses import dpo_loss_from_logprobs, sequence_logprob, sft_loss
 from lmstack.train.ppo import (
     BUILTIN_REWARDS,
@@ -111,7 +112,9 @@ def finetune(args: FinetuneArgs) -> TrainResult:
         )
     reward_fn = _reward_fn(args) if args.method == "ppo" else None  # a reward model loads before training
 
-    # QLoRA: each linear layer becomes NF4 as it loads, so the float model is never resident as a whole
+    # QLoRA: each linear layer becomes NF4 as it loads, so the float model is never resident as a whole;
+    # and loading's temporaries come from the training allocator, so they leave no holes in glibc's heap
+    use_training_allocator()
     dtype = "nf4" if args.method == "qlora" else "float32"
     llm = LLM.load(args.model, device="cpu", dtype=dtype, cache_dir=args.cache_dir)
     tok = llm.tokenizer

@@ -163,25 +163,32 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def prepare_memory(model: nn.Module) -> bool:
-    """Before the first step of a CPU model: hand the heap that loading freed back to the system (glibc's
-    malloc_trim) and serve the steps' big tensors from lmstack's caching allocator (lmstack.kernels), which
-    keeps a step's freed blocks for the next step instead of leaving them cut up in glibc's heap: on
-    smollm2-135m with checkpointing a step's peak went from ~1.4 to ~0.9 GB, flat from step to step.
-    LMSTACK_CPU_ALLOCATOR=system keeps glibc's. Returns whether the caching allocator is in use."""
+def use_training_allocator() -> bool:
+    """Serve this process's CPU tensors from lmstack's caching allocator (lmstack.kernels), which keeps a
+    step's freed blocks for the next step instead of leaving them cut up in glibc's heap: on smollm2-135m
+    with checkpointing a step's peak went from ~1.4 to ~0.9 GB, flat from step to step. Call it before
+    loading the model (`lmstack finetune` does), so loading's temporaries do not fragment the heap either;
+    `train()` calls it in any case. LMSTACK_CPU_ALLOCATOR=system keeps glibc's. Returns whether the caching
+    allocator is in use."""
     choice = os.environ.get("LMSTACK_CPU_ALLOCATOR", "caching")
     if choice not in ("caching", "system"):
         raise ValueError(f"LMSTACK_CPU_ALLOCATOR must be 'caching' or 'system', got {choice!r}")
+    return choice == "caching" and use_caching_allocator()
+
+
+def prepare_memory(model: nn.Module) -> bool:
+    """Before the first step of a CPU model: hand what loading freed back to the system (the caching
+    allocator's free blocks and glibc's heap, malloc_trim), then `use_training_allocator`. Returns whether
+    the caching allocator is in use."""
     if any(p.device.type != "cpu" for p in model.parameters()):
         return False
     gc.collect()
+    empty_allocator_cache()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
-    if choice == "system":
-        return False
-    return use_caching_allocator()
+    return use_training_allocator()
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------

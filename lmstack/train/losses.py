@@ -6,7 +6,6 @@ taken (prompt tokens, padding); the shift (position t predicts token t + 1) happ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -61,8 +60,8 @@ class _ChunkedHeadCE(torch.autograd.Function):
     (and to W when it trains) is computed right there, since the loss is the end of the graph. Backward
     only scales those by the incoming gradient. Memory: a (chunk, V) block instead of ~3 x (N, V) float32
     (logits, their float copy and their gradient), 600 MiB for 1024 tokens of a 49k-word vocabulary.
-    W is a float tensor or a frozen int8 head (QLoRA's, lmstack.nf4.quantize_tables_int8), which is
-    dequantized `HEAD_SLICE_ROWS` rows at a time for each chunk's two products."""
+    W is a float tensor, or a frozen int8 head (QLoRA's, lmstack.nf4.quantize_tables_int8), which
+    `_int8_head_ce` reads a slice of vocabulary at a time instead."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -74,31 +73,34 @@ class _ChunkedHeadCE(torch.autograd.Function):
         chunk: int,
     ) -> torch.Tensor:
         n = h.shape[0]
-        grad_h = torch.empty_like(h)  # (N, C)
         grad_w = None
-        if isinstance(w, torch.Tensor) and ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(w, dtype=torch.float32)  # (V, C)
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for i in range(0, n, chunk):
-            capped = None
-            hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
-            z = _head_logits(hc, w)  # (c, V) float32
-            if softcap is not None:
-                capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
-                z = softcap * capped
-            picked = z.gather(1, tc[:, None]).squeeze(1)  # (c,)
-            top = z.amax(dim=1, keepdim=True)  # (c, 1)
-            e = z.sub_(top).exp_()  # in place from here on: one (c, V) block per chunk
-            denom = e.sum(dim=1, keepdim=True)
-            total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()  # logsumexp - z_target
-            g = e.div_(denom)  # softmax; d loss_i / d z = softmax - onehot
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            if capped is not None:
-                g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
-            grad_h[i : i + chunk] = _head_grad_input(g, w).div_(n).to(h.dtype)  # / n: the mean
-            if grad_w is not None:
-                grad_w.addmm_(g.T, hc.float(), alpha=1.0 / n)
-            del z, e, g, capped  # the next chunk's (c, V) logits must not meet this one's
+        if isinstance(w, Int8Linear):
+            total, grad_h = _int8_head_ce(h, w, targets, softcap)
+        else:
+            grad_h = torch.empty_like(h)  # (N, C)
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.zeros_like(w, dtype=torch.float32)  # (V, C)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for i in range(0, n, chunk):
+                capped = None
+                hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
+                z = (hc @ w.T).float()  # (c, V)
+                if softcap is not None:
+                    capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
+                    z = softcap * capped
+                picked = z.gather(1, tc[:, None]).squeeze(1)  # (c,)
+                top = z.amax(dim=1, keepdim=True)  # (c, 1)
+                e = z.sub_(top).exp_()  # in place from here on: one (c, V) block per chunk
+                denom = e.sum(dim=1, keepdim=True)
+                total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()  # logsumexp - z_target
+                g = e.div_(denom)  # softmax; d loss_i / d z = softmax - onehot
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                if capped is not None:
+                    g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
+                grad_h[i : i + chunk] = (g.to(w.dtype) @ w).div_(n).to(h.dtype)  # / n: the mean
+                if grad_w is not None:
+                    grad_w.addmm_(g.T, hc.float(), alpha=1.0 / n)
+                del z, e, g, capped  # the next chunk's (c, V) logits must not meet this one's
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.has_grad_w = grad_w is not None
         ctx.w_dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
@@ -111,43 +113,71 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_h * grad.to(grad_h.dtype), gw, None, None, None
 
 
-# rows of an int8 head dequantized at a time by the chunked loss (28 MiB of float32 at width 896)
-HEAD_SLICE_ROWS = 8192
+# logits of one vocabulary slice of an int8 head, for all tokens at once: 8 MiB of float32, and at least
+# INT8_SLICE_MIN_ROWS rows of the head per slice
+INT8_SLICE_LOGITS = 2**21
+INT8_SLICE_MIN_ROWS = 256
 
 
-def _head_logits(hc: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor:
-    """hc (c, C) @ W^T -> float32 logits (c, V)."""
-    if isinstance(w, torch.Tensor):
-        return (hc @ w.T).float()
-    z = hc.new_empty((hc.shape[0], w.out_features), dtype=torch.float32)
-    hc = hc.float()
-    for cols, rows in _int8_head_slices(w):
-        z[:, cols] = hc @ rows.T
-    return z
+def _int8_head_ce(
+    h: torch.Tensor, w: Int8Linear, targets: torch.Tensor, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the N tokens' CE, its gradient / N with respect to h (N, C)) for a frozen int8 head, read
+    a slice of vocabulary rows at a time in two passes: the first takes each token's logsumexp online
+    (running max and rescaled sum, as flash attention does), the second recomputes each slice's logits
+    and adds softmax - onehot times the slice's rows to the gradient. Every token goes through a slice
+    together, so the head is dequantized twice per step rather than twice per (c, V) chunk (0.6 of a 7.7 s
+    smollm2 QLoRA step went to dequantizing), and no (c, V) block exists: the logits held are
+    (N, INT8_SLICE_LOGITS / N), 8 MiB, where the chunked block was 48 MiB. The price: one more
+    (N, C) x (C, V) product per step."""
+    n, vocab = h.shape[0], w.out_features
+    hf = h.detach().float()  # (N, C)
+    step = max(INT8_SLICE_MIN_ROWS, INT8_SLICE_LOGITS // max(n, 1))
+    slices = [(v, min(v + step, vocab)) for v in range(0, vocab, step)]
+    tokens = torch.arange(n, device=h.device)
+
+    def logits(v: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(rows (s, C), logits (N, s), tanh(z / cap) or None, which tokens' targets fall in the slice)"""
+        rows = w.dequantize_rows(v, stop)  # float32
+        z = hf @ rows.T
+        capped = None
+        if softcap is not None:
+            capped = z.div_(softcap).tanh_()
+            z = softcap * capped
+        return rows, z, capped, (targets >= v) & (targets < stop)
+
+    top = torch.full((n,), -torch.inf, device=h.device)  # running max (N,)
+    denom = torch.zeros(n, device=h.device)  # running sum of exp(z - top) (N,)
+    picked = torch.zeros(n, device=h.device)  # each token's target logit (N,)
+    for v, stop in slices:
+        rows, z, capped, inside = logits(v, stop)
+        del rows, capped
+        picked[inside] = z[tokens[inside], targets[inside] - v]
+        new_top = torch.maximum(top, z.amax(dim=1))
+        denom.mul_((top - new_top).exp_()).add_(z.sub_(new_top[:, None]).exp_().sum(dim=1))
+        top = new_top
+        del z
+    lse = top + denom.log()  # (N,)
+    total = (lse - picked).sum()
+
+    grad_h = torch.zeros_like(hf)  # (N, C)
+    for v, stop in slices:
+        rows, z, capped, inside = logits(v, stop)
+        g = z.sub_(lse[:, None]).exp_()  # this slice of the softmax over the whole vocabulary (N, s)
+        g[tokens[inside], targets[inside] - v] -= 1.0  # d CE / d z = softmax - onehot
+        if capped is not None:
+            g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap)
+        grad_h.addmm_(g, rows)
+        del rows, z, g, capped
+    return total, grad_h.div_(n).to(h.dtype)
 
 
-def _head_grad_input(g: torch.Tensor, w: torch.Tensor | Int8Linear) -> torch.Tensor:
-    """g (c, V) @ W -> (c, C) float32."""
-    if isinstance(w, torch.Tensor):
-        return g.to(w.dtype) @ w
-    out = g.new_zeros((g.shape[0], w.in_features))
-    for cols, rows in _int8_head_slices(w):
-        out.addmm_(g[:, cols], rows)
-    return out
-
-
-def _int8_head_slices(w: Int8Linear) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(vocabulary slice, its dequantized float32 rows (s, C)), HEAD_SLICE_ROWS rows at a time."""
-    for v in range(0, w.out_features, HEAD_SLICE_ROWS):
-        stop = min(v + HEAD_SLICE_ROWS, w.out_features)
-        yield slice(v, stop), w.dequantize_rows(v, stop)
-
-
-# logits per chunk of the chunked loss: 128 MiB of float32, and at least CHUNK_MIN_TOKENS rows so that each
+# logits per chunk of the chunked loss: 32 MiB of float32, and at least CHUNK_MIN_TOKENS rows so that each
 # chunk's two head matmuls stay compute-bound (fewer rows re-read the whole (V, C) head for little work:
-# 27-token chunks of qwen's 152k-word head made the loss 3x slower than unchunked)
-CHUNK_LOGITS = 2**25
-CHUNK_MIN_TOKENS = 512
+# 27-token chunks of qwen's 152k-word head made the loss 3x slower than unchunked). With checkpointing the
+# logits block is the largest thing a step allocates: 128 MiB blocks put 100 MiB on smollm2's peak.
+CHUNK_LOGITS = 2**23
+CHUNK_MIN_TOKENS = 256
 
 
 def _plain_head(model: nn.Module) -> tuple[torch.Tensor | Int8Linear, float | None] | None:
