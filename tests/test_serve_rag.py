@@ -142,6 +142,38 @@ def test_chat_completions_with_a_collection_through_the_openai_client(served, ht
     assert refused.choices[0].message.content == NOT_ENOUGH and (refused.model_extra or {})["refused"]
 
 
+def test_rerank_and_rewrite_run_on_the_served_model(http: httpx.Client, served, monkeypatch) -> None:
+    """`rerank` and `rewrite` over HTTP rank the sources as the Python API does with the same model: the
+    served judge (here reading the whole vocabulary, not its top 20) and the greedy query both run as
+    engine requests; the scores are the judge's relevance."""
+    from lmstack.rag.collection import Collection
+    from lmstack.rag.retrieval import RetrievalConfig
+    from lmstack.serve import rag as serve_rag
+
+    root, llm = served[1], served[2]
+    monkeypatch.setattr(serve_rag, "JUDGE_TOP", llm.config.vocab_size)
+    question = "How long does sourdough rise?"
+    options = {"k": 3, "min_score": -1.0, "rerank": True, "rewrite": True}
+    r = http.post(
+        "/v1/rag/query", json={"collection": "home", "query": question, "retrieve_only": True, **options}
+    )
+    assert r.status_code == 200, r.text
+    served_sources = r.json()["sources"]
+    coll = Collection.open("home", data_dir=root / "data")
+    config = RetrievalConfig(k=3, min_score=-1.0, rerank=True, rewrite=True)
+    local = coll.retrieve(question, config, llm=llm)
+    coll.close()
+    assert [s["id"] for s in served_sources] == [h.record.id for h in local]
+    assert [s["score"] for s in served_sources] == pytest.approx([h.score for h in local], abs=1e-4)
+    assert all(0.0 <= s["score"] <= 1.0 for s in served_sources)  # relevance, not a fused rank score
+    # the chat route takes the same options
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": question}], "collection": "home",
+            "rag": options, "max_tokens": 4}  # fmt: skip
+    r = http.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    assert [s["id"] for s in r.json()["sources"]] == [h.record.id for h in local]
+
+
 def test_bad_requests(http: httpx.Client, served) -> None:
     def error(r: httpx.Response, status: int, fragment: str) -> None:
         assert r.status_code == status, r.text
@@ -171,7 +203,6 @@ def test_bad_requests(http: httpx.Client, served) -> None:
         400, "filter key",
     )  # fmt: skip
     tea = {"collection": "home", "query": "tea"}
-    error(http.post("/v1/rag/query", json={**tea, "rerank": True}), 400, "rerank")
     error(http.post("/v1/rag/query", json={**tea, "k": 0}), 400, "k")
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "tea"}], "rag": {"k": 2}}
     error(http.post("/v1/chat/completions", json=chat), 400, "'rag' options need a 'collection'")

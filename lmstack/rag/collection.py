@@ -37,22 +37,37 @@ def llm_complete(llm: Any, max_tokens: int = 256) -> Complete:
     return lambda messages: llm.chat(messages, max_new_tokens=max_tokens, temperature=0.0)
 
 
+def judge_messages(question: str, passage: str) -> Messages:
+    """The relevance question a judge model answers with one word."""
+    return [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": f"Question: {question}\n\n<passage>\n{passage}\n</passage>\n\n"
+         "Does the passage help answer the question? Reply yes or no."},
+    ]  # fmt: skip
+
+
+def yes_no_ids(tokenizer: Any) -> tuple[set[int], set[int]]:
+    """The first token ids of "yes" and "no" as a reply may start (capitalized, after a space)."""
+    yes = {tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "Yes", " yes", " Yes")}
+    no = {tokenizer.encode(w, add_special_tokens=False)[0] for w in ("no", "No", " no", " No")}
+    return yes, no
+
+
+def relevance(probs: Mapping[int, float], yes: set[int], no: set[int]) -> float:
+    """P(yes) / (P(yes) + P(no)) over the next-token probabilities `probs` (token id -> p); 0 when the
+    model would answer neither."""
+    p_yes, p_no = sum(probs.get(t, 0.0) for t in yes), sum(probs.get(t, 0.0) for t in no)
+    return p_yes / (p_yes + p_no) if p_yes + p_no > 1e-12 else 0.0
+
+
 def llm_judge(llm: Any) -> Judge:
-    """P(yes) / (P(yes) + P(no)) for the next token after a yes/no relevance question: one forward pass."""
-    tok = llm.tokenizer
-    yes = {tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "Yes", " yes", " Yes")}
-    no = {tok.encode(w, add_special_tokens=False)[0] for w in ("no", "No", " no", " No")}
+    """`relevance` of the next token after the judge's question: one forward pass of `llm`."""
+    yes, no = yes_no_ids(llm.tokenizer)
 
     def judge(question: str, passage: str) -> float:
-        messages = [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Question: {question}\n\n<passage>\n{passage}\n</passage>\n\n"
-             "Does the passage help answer the question? Reply yes or no."},
-        ]  # fmt: skip
-        logits = llm.logits(llm.prompt_ids(messages))[-1]
+        logits = llm.logits(llm.prompt_ids(judge_messages(question, passage)))[-1]
         probs = torch.softmax(logits.float(), dim=-1)
-        p_yes, p_no = float(probs[list(yes)].sum()), float(probs[list(no)].sum())
-        return p_yes / max(p_yes + p_no, 1e-12)
+        return relevance({t: float(probs[t]) for t in yes | no}, yes, no)
 
     return judge
 
@@ -135,15 +150,27 @@ class Collection:
             allowed_roots=allowed_roots, progress=progress,
         )  # fmt: skip
 
-    def retrieve(self, question: str, config: RetrievalConfig | None = None, *, llm: Any = None) -> list[Hit]:
+    def retrieve(
+        self,
+        question: str,
+        config: RetrievalConfig | None = None,
+        *,
+        llm: Any = None,
+        complete: Complete | None = None,
+        judge: Judge | None = None,
+    ) -> list[Hit]:
+        """Ranked hits for `question`. Reranking and query rewriting need a model: `llm` (an
+        lmstack.api.LLM, run here), or `judge` and `complete` functions (the server's run through its
+        engine)."""
         config = config or RetrievalConfig()
-        needs_llm = config.rerank or config.rewrite
-        if needs_llm and llm is None:
+        if llm is not None:
+            complete = complete or llm_complete(llm, 48)
+            judge = judge or llm_judge(llm)
+        if (config.rerank and judge is None) or (config.rewrite and complete is None):
             raise ValueError("rerank and rewrite use the answer model: pass llm=")
         return retrieve(
             self.store, self.embedder, question, config,
-            complete=llm_complete(llm, 48) if config.rewrite else None,
-            judge=llm_judge(llm) if config.rerank else None,
+            complete=complete if config.rewrite else None, judge=judge if config.rerank else None,
         )  # fmt: skip
 
     def ask(

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from lmstack.engine import AsyncEngine, LLMEngine
 from lmstack.generate.sampling import SamplingParams
 from lmstack.multi_lora import adapter_view
+from lmstack.rag.retrieval import Complete, Judge
 from lmstack.serve.embeddings import EMBEDDING_MODEL, Embedder, embeddings_response
 from lmstack.serve.guards import Authenticator, ClientDisconnected, RateLimiter, read_body, timed_out, watch
 from lmstack.serve.metrics import Metrics
@@ -37,6 +38,7 @@ from lmstack.serve.protocol import (
     CompletionRequest,
     EmbeddingRequest,
     RagIngestRequest,
+    RagOptions,
     RagQueryRequest,
     error_body,
     not_supported,
@@ -48,6 +50,7 @@ from lmstack.serve.rag import (
     RagService,
     RagSettings,
     RagSource,
+    engine_model,
     refusal_chunks,
     refusal_states,
 )
@@ -237,7 +240,9 @@ class _Service:
         turns = req.template_messages()
         question = turns[-1]["content"]
         assert req.collection is not None
-        sources, rag_messages = await asyncio.to_thread(self.rag.retrieve, req.collection, question, req.rag)
+        sources, rag_messages = await asyncio.to_thread(
+            self.rag.retrieve, req.collection, question, req.rag, self.retrieval_model(entry, req.rag)
+        )
         messages: list[dict[str, Any]] = []
         if rag_messages:
             extra = "\n\n".join(m["content"] for m in turns if m["role"] == "system")
@@ -260,7 +265,9 @@ class _Service:
         client = self.auth.client(request)
         req = parse_request(RagQueryRequest, await read_body(request, self.settings.max_body_bytes))
         entry = self.model(req.model if req.model is not None else next(iter(self.models)))
-        sources, messages = await asyncio.to_thread(self.rag.retrieve, req.collection, req.query, req)
+        sources, messages = await asyncio.to_thread(
+            self.rag.retrieve, req.collection, req.query, req, self.retrieval_model(entry, req)
+        )
         rid = uuid.uuid4().hex
         if req.retrieve_only:
             body = {"id": f"rag-{rid}", "object": "rag.sources", "created": int(time.time()), "model": None}
@@ -278,6 +285,19 @@ class _Service:
         prompt = await asyncio.to_thread(chat_prompt, entry, messages)
         plan = self.plan(entry, [prompt], chat, req.max_tokens, None, "query")
         return await self.generate(request, client, entry, plan, fmt, bool(req.stream))
+
+    def retrieval_model(self, entry: ModelEntry, options: RagOptions | None) -> tuple[Complete, Judge] | None:
+        """The served model as relevance judge and query writer, when the request asks to rerank or
+        rewrite: its calls are requests to the model's engine like any other (not billed to the client)."""
+        if options is None or not (options.rerank or options.rewrite):
+            return None
+
+        def prompt_ids(messages: list[dict[str, Any]], max_tokens: int) -> list[int]:
+            prompt = chat_prompt(entry, messages)
+            _fit(entry, len(prompt), max_tokens, "reranking or rewriting prompt")
+            return prompt
+
+        return engine_model(entry.engine, entry.tokenizer, prompt_ids, asyncio.get_running_loop())
 
     def refuse(self, fmt: RagChatFormat | RagAnswerFormat, stream: bool) -> Response:
         """Nothing relevant was retrieved: the fixed refusal, without calling the model."""

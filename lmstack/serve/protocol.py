@@ -213,13 +213,8 @@ class RagOptions(_Request):
     mmr: float | None = Field(None, ge=0, le=1)
     min_score: float = Field(0.40, ge=-1, le=1)
     small_to_big: bool = False
-    rerank: bool = False
-    rewrite: bool = False
-
-    def check(self) -> None:
-        for name in ("rerank", "rewrite"):
-            if getattr(self, name):
-                raise not_supported(name, f"{name} over HTTP (use `lmstack ask --{name}` or the Python API)")
+    rerank: bool = False  # the served model judges the top 10 candidates' relevance
+    rewrite: bool = False  # the served model also writes a search query
 
 
 class ChatCompletionRequest(_Sampling):

@@ -10,21 +10,69 @@ folders the server was started with (`--rag-root`), and is off without one.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import threading
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmstack.engine import RequestOutput, TokenLogprob
-from lmstack.rag.answer import NOT_ENOUGH, SYSTEM_PROMPT, Answer, Source, finish, prepare
-from lmstack.rag.collection import Collection, store_class, store_location
+from lmstack.engine import AsyncEngine, RequestOutput, TokenLogprob
+from lmstack.generate.sampling import SamplingParams
+from lmstack.rag.answer import NOT_ENOUGH, SYSTEM_PROMPT, Answer, Messages, Source, finish, prepare
+from lmstack.rag.collection import (
+    Collection,
+    judge_messages,
+    relevance,
+    store_class,
+    store_location,
+    yes_no_ids,
+)
 from lmstack.rag.documents import DocumentError
 from lmstack.rag.embedder import Embedder
-from lmstack.rag.retrieval import RetrievalConfig
+from lmstack.rag.retrieval import Complete, Judge, RetrievalConfig
 from lmstack.rag.store import CollectionNotFound, StoreError
 from lmstack.serve.protocol import APIError, RagOptions
 from lmstack.serve.streaming import ChatFormat, ChoiceState
+
+# next-token alternatives the served judge reads: its relevance is P(yes) / (P(yes) + P(no)) among them
+JUDGE_TOP = 20
+
+
+def engine_model(
+    engine: AsyncEngine,
+    tokenizer: Any,
+    prompt_ids: Callable[[Messages, int], list[int]],
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Complete, Judge]:
+    """Query rewriting and the relevance judge on the served model, for retrieval running in a worker
+    thread: each call is one more request to the model's engine (batched with the others), awaited on
+    the server's event loop `loop`. `prompt_ids(messages, max_tokens)` renders a chat prompt that fits.
+    Greedy, as `Collection.retrieve(llm=...)` is; the judge reads the first token's top JUDGE_TOP
+    logprobs, where the local judge reads the whole distribution (the two agree whenever "yes" or "no"
+    is among the likely replies)."""
+    yes, no = yes_no_ids(tokenizer)
+
+    def run(messages: Messages, params: SamplingParams) -> list[RequestOutput]:
+        prompt = prompt_ids(messages, params.max_new_tokens)
+
+        async def outputs() -> list[RequestOutput]:
+            return [out async for out in engine.generate(f"rag-{uuid.uuid4().hex}", prompt, params)]
+
+        return asyncio.run_coroutine_threadsafe(outputs(), loop).result()
+
+    def complete(messages: Messages) -> str:
+        outputs = run(messages, SamplingParams(max_new_tokens=48, temperature=0))
+        return "".join(out.text_delta for out in outputs)
+
+    def judge(question: str, passage: str) -> float:
+        outputs = run(judge_messages(question, passage), SamplingParams(1, temperature=0, logprobs=JUDGE_TOP))
+        first = next(lp for out in outputs for lp in out.logprobs or [])
+        return relevance({token: math.exp(lp) for token, lp in first.top}, yes, no)
+
+    return complete, judge
 
 
 @dataclass(frozen=True)
@@ -76,16 +124,24 @@ class RagService:
                 self._open[name] = coll
             return coll
 
-    def retrieve(self, name: str, question: str, options: RagOptions | None) -> tuple[list[Source], list]:
-        """Blocking (call it in a thread): -> (numbered sources, the exact messages; [] = refuse)."""
+    def retrieve(
+        self,
+        name: str,
+        question: str,
+        options: RagOptions | None,
+        model: tuple[Complete, Judge] | None = None,
+    ) -> tuple[list[Source], list]:
+        """Blocking (call it in a thread): -> (numbered sources, the exact messages; [] = refuse).
+        `model`: the served model's (complete, judge), which `rerank` and `rewrite` need."""
         o = options or RagOptions.model_validate({})
         config = RetrievalConfig(
             k=o.k, mode=o.mode, min_score=o.min_score, where=o.where, mmr=o.mmr, small_to_big=o.small_to_big,
-            candidates=max(40, o.k),
+            candidates=max(40, o.k), rerank=o.rerank, rewrite=o.rewrite,
         )  # fmt: skip
         coll = self.collection(name)
+        complete, judge = model if model is not None else (None, None)
         try:
-            hits = coll.retrieve(question, config)
+            hits = coll.retrieve(question, config, complete=complete, judge=judge)
         except (StoreError, ValueError) as error:
             raise APIError(400, f"{error}.", param="rag.where" if "filter" in str(error) else None) from error
         return prepare(question, hits, SYSTEM_PROMPT)
