@@ -17,11 +17,11 @@
 //                    ones: left to glibc, a step's 16 KiB - 1 MiB activations (smollm2's k and v) and the
 //                    long-lived optimizer states share one heap, which fragments (158 of a 356 MiB heap
 //                    free after three QLoRA steps)
-//   misses           before mapping a new block, free blocks are unmapped, oldest first, until as many
-//                    bytes are given back or only `slack` bytes are left free: memory grows only when
-//                    free blocks are scarce, so the process holds at most (live bytes + slack); freed
-//                    blocks otherwise stay for the next step (as on a GPU, empty_cache() returns them:
-//                    the training loop calls it when it ends)
+//   misses           before mapping a new block of 1 MiB or more, free blocks of 1 MiB to twice its size
+//                    are unmapped, oldest first, until as many bytes are given back or only `slack` bytes
+//                    are left free: big blocks grow only when free ones are scarce. Freed blocks otherwise
+//                    stay for the next step (as on a GPU, empty_cache() returns them: training calls it
+//                    before its first step and when it ends)
 //
 // Every block's size is in a table keyed by its address, so the deleter is a plain function (raw_deleter:
 // code that frees raw pointers, e.g. at::Allocator::raw_allocate users, works too). Thread-safe by one mutex.
