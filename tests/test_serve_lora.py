@@ -32,10 +32,11 @@ PROMPT = "The capital of France is"
 
 
 def make_adapter(base: str, path: Path, targets: list[str] | str, seed: int, trained_on: str) -> Path:
-    """A random adapter with nonzero B (a fresh one is the identity), saved in PEFT's format."""
+    """A random adapter with nonzero B (a fresh one is the identity), saved in PEFT's format; the same
+    numbers whichever tests ran before (A's initialization draws from the global generator too)."""
     llm = LLM.load(base, device="cpu")
-    apply_lora(llm.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     torch.manual_seed(seed)
+    apply_lora(llm.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with torch.no_grad():
         for layer in lora_layers(llm.model).values():
             layer.lora_B.weight.normal_(std=0.5)
