@@ -113,10 +113,10 @@ class _ChunkedHeadCE(torch.autograd.Function):
         return grad_h * grad.to(grad_h.dtype), gw, None, None, None
 
 
-# logits of one vocabulary slice of an int8 head, for all tokens at once: 8 MiB of float32, and at least
-# INT8_SLICE_MIN_ROWS rows of the head per slice
+# logits of one vocabulary slice of an int8 head, for all tokens at once: 8 MiB of float32, with between
+# INT8_SLICE_MIN_ROWS and INT8_SLICE_MAX_ROWS rows of the head per slice (28 MiB dequantized at width 896)
 INT8_SLICE_LOGITS = 2**21
-INT8_SLICE_MIN_ROWS = 256
+INT8_SLICE_MIN_ROWS, INT8_SLICE_MAX_ROWS = 256, 8192
 
 
 def _int8_head_ce(
@@ -132,7 +132,7 @@ def _int8_head_ce(
     (N, C) x (C, V) product per step."""
     n, vocab = h.shape[0], w.out_features
     hf = h.detach().float()  # (N, C)
-    step = max(INT8_SLICE_MIN_ROWS, INT8_SLICE_LOGITS // max(n, 1))
+    step = min(INT8_SLICE_MAX_ROWS, max(INT8_SLICE_MIN_ROWS, INT8_SLICE_LOGITS // max(n, 1)))
     slices = [(v, min(v + step, vocab)) for v in range(0, vocab, step)]
     tokens = torch.arange(n, device=h.device)
 
