@@ -355,22 +355,19 @@ def bench_model(name: str, args: argparse.Namespace) -> tuple[list[dict], dict |
                 if config in missing:
                     continue
                 extra: tuple[str, ...] = ()
-                if config == "peft-qlora":
-                    if importlib.util.find_spec("bitsandbytes") is None:
-                        missing[config] = {
-                            "model": name,
-                            "config": config,
-                            "missing": "bitsandbytes is not installed",
-                        }
-                        print(f"  {name} {config}: skipped (bitsandbytes is not installed)", flush=True)
-                        continue
-                    folder = Path(tmp) / "hf"
-                    if not folder.exists():
-                        write_hf_folder(name, folder)
-                    extra = ("--hf-dir", str(folder))
-                r = child(args, config, name, extra)
+                r: dict | None = None
+                if config == "peft-qlora" and importlib.util.find_spec("bitsandbytes") is None:
+                    reason = "bitsandbytes is not installed"
+                else:
+                    if config == "peft-qlora":
+                        folder = Path(tmp) / "hf"
+                        if not folder.exists():
+                            write_hf_folder(name, folder)
+                        extra = ("--hf-dir", str(folder))
+                    r, reason = child(args, config, name, extra), "failed"
                 if r is None:
-                    missing[config] = {"model": name, "config": config, "missing": "failed"}
+                    missing[config] = {"model": name, "config": config, "missing": reason}
+                    print(f"  {name} {config}: skipped ({reason})", flush=True)
                     continue
                 runs.setdefault(config, []).append(r)
                 losses = [round(x, 4) for x in r["losses"]]

@@ -234,7 +234,6 @@ class ChatCompletionRequest(_Sampling):
         if self.rag is not None:
             if self.collection is None:
                 raise APIError(400, "'rag' options need a 'collection' to search.", param="rag")
-            self.rag.check()
         if self.collection is not None and self.messages[-1].role != "user":
             raise APIError(
                 400, "With 'collection', the last message must be the user's question.", param="messages"
