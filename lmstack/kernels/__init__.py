@@ -17,6 +17,7 @@ import torch
 _QUANT_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
 _OPS_SOURCE = Path(__file__).with_name("ops_cpu.cpp")
 _ALLOC_SOURCE = Path(__file__).with_name("alloc_cpu.cpp")
+_TRAIN_SOURCE = Path(__file__).with_name("train_cpu.cpp")
 
 
 def _has_avx2() -> bool:
@@ -36,6 +37,13 @@ def load_ops_kernels(portable: bool = False) -> ModuleType | None:
     """The compiled `ops_cpu` module (fused norm, gated activation, cached attention for decode), or
     None (with one warning) if it cannot be built."""
     return _build("lmstack_ops", _OPS_SOURCE, portable)
+
+
+@functools.cache
+def load_train_kernels(portable: bool = False) -> ModuleType | None:
+    """The compiled `train_cpu` module (forward/backward pairs of RMSNorm, the gated activation and RoPE with
+    the head transpose, for training under autograd), or None (with one warning) if it cannot be built."""
+    return _build("lmstack_train", _TRAIN_SOURCE, portable)
 
 
 @functools.cache

@@ -9,7 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
-from lmstack.models.layers import FUSED_MAX_ROWS, Linear, RMSNorm, apply_rope, concat_linears, fused_ops
+from lmstack.models.layers import (
+    FUSED_MAX_ROWS,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    concat_linears,
+    fused_ops,
+    rope_heads,
+    train_ops,
+)
 
 # attention window -> boolean mask (T, S), or None for plain causal attention over the same T positions
 MaskFn = Callable[[int | None], torch.Tensor | None]
@@ -130,6 +139,12 @@ class Attention(nn.Module):
                     self.window or 0,
                 )
                 return self.wo(y)  # (B, T, C)
+        if self.use_rope and rope is not None and cache is None and train_ops(x) is not None:
+            # training: the transpose and the rotation in one native pass, (B, nh, T, hs) / (B, nkv, T, hs)
+            q, k = rope_heads(q, *rope, self.nh, self.hs), rope_heads(k, *rope, self.nkv, self.hs)
+            v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
+            y = attend(q, k, v, mask_for(self.window), self.scale, self.softcap)  # (B, nh, T, hs)
+            return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
         q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmstack.config import ModelConfig
-from lmstack.kernels import load_ops_kernels
+from lmstack.kernels import load_ops_kernels, load_train_kernels
 
 # The native decode ops (lmstack/kernels/ops_cpu.cpp) replace chains of small PyTorch ops for inputs of at
 # most this many rows: decode steps, speculative verification, engine decode batches. Prefill and training
@@ -39,6 +39,14 @@ def fused_ops(x: torch.Tensor, rows: int | None = None) -> ModuleType | None:
     ):
         return None
     return load_ops_kernels()
+
+
+def train_ops(x: torch.Tensor) -> ModuleType | None:
+    """The native forward/backward pairs (lmstack/kernels/train_cpu.cpp) when x is a float32 CPU tensor
+    under autograd (training, and its recomputation under gradient checkpointing), else None."""
+    if not USE_FUSED_OPS or x.dtype != torch.float32 or not x.is_cpu or not torch.is_grad_enabled():
+        return None
+    return load_train_kernels()
 
 
 class Linear(nn.Linear):
@@ -83,11 +91,38 @@ class RMSNorm(nn.Module):
         evenly_spaced_rows = x.dim() <= 2 or x.is_contiguous()  # what the native op reads
         if evenly_spaced_rows and self.weight.dtype == torch.float32 and (ops := fused_ops(x)) is not None:
             return ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
+        if self.weight.dtype == torch.float32 and (ops := train_ops(x)) is not None:
+            return _RMSNormFunction.apply(x, self.weight, self.eps, self.unit_offset, ops)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
             return (xf * (1.0 + self.weight.float())).type_as(x)
         return self.weight * xf.type_as(x)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm as one native pass each way, saving x and one 1/rms per row (composed of ops, autograd keeps x,
+    the normalized x and the statistics, and replays ~8 elementwise passes in backward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, unit_offset, ops):  # type: ignore[override]
+        x = x.contiguous()
+        y, rstd = ops.rms_norm_fwd(x, weight.contiguous(), eps, unit_offset)  # (..., C), (rows,)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.unit_offset, ctx.ops = unit_offset, ops
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.ops.rms_norm_bwd(grad, x, weight, rstd, ctx.unit_offset)
+        if ctx.needs_input_grad[1]:  # full fine-tuning: sum over rows of grad * normalized x
+            normed = x.reshape(-1, x.shape[-1]) * rstd[:, None]
+            grad_w = (grad.reshape(-1, x.shape[-1]) * normed).sum(0)
+        return grad_x, grad_w, None, None, None
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -135,7 +170,9 @@ class MLP(nn.Module):
         if self.act_code is not None and (ops := fused_ops(a)) is not None:
             return self.w2(ops.gated_act(a, b, self.act_code))
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
-            return self.w2(_GatedAct.apply(a, b, self.act))  # training: keeps a and b only
+            # training: keeps a and b only
+            ops = train_ops(a) if self.act_code is not None else None
+            return self.w2(_GatedAct.apply(a, b, self.act, self.act_code, ops))
         return self.w2(self.act(a) * b)  # (B, T, C)
 
 
@@ -144,19 +181,25 @@ class _GatedAct(torch.autograd.Function):
     would also keep act(a), one more (B, T, H) tensor per layer (the largest activations of a block)."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, b: torch.Tensor, act: nn.Module) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, a, b, act, code, ops):  # type: ignore[override]
+        """`ops` (the native training ops, with `code` the activation's number there) or None: PyTorch."""
+        if ops is not None:
+            a, b = a.contiguous(), b.contiguous()
         ctx.save_for_backward(a, b)
-        ctx.act = act
-        return act(a).mul_(b)
+        ctx.act, ctx.code, ctx.ops = act, code, ops
+        return ops.gated_act_fwd(a, b, code) if ops is not None else act(a).mul_(b)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad):  # type: ignore[override]
         a, b = ctx.saved_tensors
+        if ctx.ops is not None:
+            grad_a, grad_b = ctx.ops.gated_act_bwd(grad.contiguous(), a, b, ctx.code)
+            return grad_a, grad_b, None, None, None
         with torch.enable_grad():
             a_ = a.detach().requires_grad_(True)
             act_a = ctx.act(a_)
             (grad_a,) = torch.autograd.grad(act_a, a_, grad * b)
-        return grad_a, grad * act_a.detach(), None
+        return grad_a, grad * act_a.detach(), None, None, None
 
 
 def rope_cos_sin(
@@ -177,6 +220,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-x2, x1], dim=-1)
     out = (xr.float() * cos + rotated * sin).type_as(x)
     return torch.cat([out, xpass], dim=-1) if xpass.numel() else out
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int, hs: int) -> torch.Tensor:
+    """x (B, T, n*hs) -> (B, n, T, hs) contiguous with RoPE applied: what `apply_rope` on the head-transposed
+    view computes, in one native pass each way under autograd (see `train_ops`), else in PyTorch."""
+    B, T, _ = x.shape
+    if (ops := train_ops(x)) is not None and cos.dtype == torch.float32 and x.stride(-1) == 1:
+        return _RopeHeads.apply(x, cos.contiguous(), sin.contiguous(), n, hs, ops)
+    return apply_rope(x.view(B, T, n, hs).transpose(1, 2), cos, sin).contiguous()
+
+
+class _RopeHeads(torch.autograd.Function):
+    """The head transpose and the rotation in one pass; backward rotates the gradient back (saves nothing
+    but the tables)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, n, hs, ops):  # type: ignore[override]
+        if x.stride(0) != x.shape[1] * x.stride(1):  # rows not evenly spaced: make them so
+            x = x.contiguous()
+        ctx.save_for_backward(cos, sin)
+        ctx.ops = ops
+        return ops.rope_heads(x, cos, sin, n, hs)  # (B, n, T, hs)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        cos, sin = ctx.saved_tensors
+        return ctx.ops.rope_heads_bwd(grad.contiguous(), cos, sin), None, None, None, None, None
 
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:

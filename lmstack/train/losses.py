@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmstack.models.layers import Linear
+from lmstack.models.layers import Linear, train_ops
 from lmstack.quant import Int8Linear
 
 IGNORE = -100
@@ -71,7 +71,10 @@ class _ChunkedHeadCE(torch.autograd.Function):
         targets: torch.Tensor,
         softcap: float | None,
         chunk: int,
+        ops: Any = None,
     ) -> torch.Tensor:
+        """`ops`: the native training ops (lmstack.models.layers.train_ops), which turn a float32 logits block
+        into its gradient in one pass, or None."""
         n = h.shape[0]
         grad_w = None
         if isinstance(w, Int8Linear):
@@ -85,6 +88,13 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 capped = None
                 hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
                 z = (hc @ w.T).float()  # (c, V)
+                if ops is not None:  # z becomes d loss_i / d z in place
+                    total += ops.softmax_xent_(z, tc.contiguous(), softcap or 0.0).sum()
+                    grad_h[i : i + chunk] = (z.to(w.dtype) @ w).div_(n).to(h.dtype)
+                    if grad_w is not None:
+                        grad_w.addmm_(z.T, hc.float(), alpha=1.0 / n)
+                    del z
+                    continue
                 if softcap is not None:
                     capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
                     z = softcap * capped
@@ -110,7 +120,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         grad_h, grad_w = ctx.saved_tensors
         gw = (grad_w * grad).to(ctx.w_dtype) if ctx.has_grad_w else None
-        return grad_h * grad.to(grad_h.dtype), gw, None, None, None
+        return grad_h * grad.to(grad_h.dtype), gw, None, None, None, None
 
 
 # logits of one vocabulary slice of an int8 head, for all tokens at once: 8 MiB of float32, with between
@@ -212,7 +222,8 @@ def sft_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dic
     hidden, targets, _ = labelled_hidden(model, input_ids, labels)  # (N, C), (N,)
     vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else weight.out_features
     chunk = max(CHUNK_MIN_TOKENS, CHUNK_LOGITS // vocab)
-    return _ChunkedHeadCE.apply(hidden, weight, targets, softcap, chunk), {}
+    ops = train_ops(hidden) if isinstance(weight, torch.Tensor) and weight.dtype == torch.float32 else None
+    return _ChunkedHeadCE.apply(hidden, weight, targets, softcap, chunk, ops), {}
 
 
 def sequence_logprob(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
