@@ -288,6 +288,7 @@ def _retrieval_config(args: argparse.Namespace) -> Any:
     return RetrievalConfig(
         k=args.k, mode=args.mode, min_score=args.min_score, where=_pairs(args.where, "--where") or None,
         mmr=args.mmr, rerank=args.rerank, rewrite=args.rewrite, small_to_big=args.small_to_big,
+        sentences=args.sentences,
     ).check()  # fmt: skip
 
 
@@ -548,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", action="store_true", help="let the model judge each source's relevance")
     p.add_argument("--rewrite", action="store_true", help="also search with a model-written query")
     p.add_argument("--small-to-big", action="store_true", help="answer from the passages around the hits")
+    p.add_argument(
+        "--sentences", type=int, default=0, metavar="N",
+        help="rescore the first N candidates by their best sentence (e.g. 30; 0: off)",
+    )  # fmt: skip
     p.add_argument(
         "--json", action="store_true", help="print answer, sources and messages as one JSON object"
     )

@@ -4,6 +4,7 @@ filters, MMR, small-to-big, the prompt's fences, citations and refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from lmstack.rag.answer import NOT_ENOUGH, answer, build_messages, parse_citations, prepare
+from lmstack.rag.chunking import sentences
 from lmstack.rag.collection import Collection
 from lmstack.rag.documents import DocumentError
 from lmstack.rag.embedder import Embedder, EmbeddingError
@@ -311,6 +313,32 @@ def test_filters_and_mmr_and_small_to_big(corpus_collection: Collection) -> None
         c.retrieve("   ")
     with pytest.raises(ValueError, match="mode must be one of"):
         c.retrieve("tea", RetrievalConfig(mode="magic"))
+
+
+def test_sentence_rescoring_ranks_by_the_best_sentence_fused_with_bm25(corpus_collection: Collection) -> None:
+    """Each hit's `sentence` is its best sentence's cosine (recomputed here by hand), and the order is the
+    RRF of BM25's ranking and that one over the first N fused candidates."""
+    c, question = corpus_collection, "How hot should the oven be for bread?"
+    config = RetrievalConfig(k=4, min_score=0.0, sentences=8)
+    hits = c.retrieve(question, config)
+    assert hits and all(h.sentence is not None for h in hits)
+    qvec = c.embedder.embed([question])[0]
+    for h in hits:
+        head = " > ".join(h.record.heading_path[-2:])
+        texts = [f"{head}: {s}" if head else s for s in sentences(h.record.text)]
+        assert h.sentence == pytest.approx(float((c.embedder.embed(texts) @ qvec).max()), abs=1e-5)
+    assert sources_of(hits)[0] == "bread.md"
+    pool = [h.record.id for h in c.retrieve(question, RetrievalConfig(k=8, min_score=0.0))]  # fused order
+    rescored = c.retrieve(question, dataclasses.replace(config, k=8))  # the whole pool
+    assert {h.record.id for h in rescored} == set(pool)
+    sentence_of = {h.record.id: h.sentence for h in rescored}
+    by_sentence = sorted(pool, key=lambda rid: -sentence_of[rid])
+    lexical = [rid for rid, _ in c.store.lexical_search(question, 40) if rid in set(pool)]
+    expected = rrf([lexical, by_sentence], k=config.rrf_k)
+    assert [h.record.id for h in hits] == sorted(expected, key=lambda rid: -expected[rid])[:4]
+    assert all(h.score == pytest.approx(expected[h.record.id]) for h in hits)
+    with pytest.raises(ValueError, match="sentences rescores the first N"):
+        c.retrieve(question, RetrievalConfig(k=5, sentences=3))
 
 
 def test_rrf_matches_the_formula() -> None:

@@ -204,6 +204,8 @@ def test_bad_requests(http: httpx.Client, served) -> None:
     )  # fmt: skip
     tea = {"collection": "home", "query": "tea"}
     error(http.post("/v1/rag/query", json={**tea, "k": 0}), 400, "k")
+    too_few = {**tea, "k": 5, "sentences": 3}
+    error(http.post("/v1/rag/query", json=too_few), 400, "sentences rescores the first N")
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "tea"}], "rag": {"k": 2}}
     error(http.post("/v1/chat/completions", json=chat), 400, "'rag' options need a 'collection'")
     last_not_user = {**chat, "collection": "home", "messages": [{"role": "assistant", "content": "hi"}]}

@@ -55,6 +55,11 @@ _GAPS = (
 )
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences (and lines) of a text, cut where the chunker cuts sentences; empty pieces dropped."""
+    return [piece.strip() for piece in _GAPS[1].split(text) if piece.strip()]
+
+
 def token_counter(tokenizer: TokenCounter) -> Callable[[str], int]:
     """A `str -> int` from a counting function or anything with `encode` (lmstack / tokenizers / HF)."""
     encode = getattr(tokenizer, "encode", None)

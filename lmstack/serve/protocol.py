@@ -215,6 +215,7 @@ class RagOptions(_Request):
     small_to_big: bool = False
     rerank: bool = False  # the served model judges the top 10 candidates' relevance
     rewrite: bool = False  # the served model also writes a search query
+    sentences: int = Field(0, ge=0, le=80)  # rescore the first N candidates by their best sentence
 
 
 class ChatCompletionRequest(_Sampling):

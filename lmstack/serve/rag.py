@@ -136,7 +136,7 @@ class RagService:
         o = options or RagOptions.model_validate({})
         config = RetrievalConfig(
             k=o.k, mode=o.mode, min_score=o.min_score, where=o.where, mmr=o.mmr, small_to_big=o.small_to_big,
-            candidates=max(40, o.k), rerank=o.rerank, rewrite=o.rewrite,
+            candidates=max(40, o.k), rerank=o.rerank, rewrite=o.rewrite, sentences=o.sentences,
         )  # fmt: skip
         coll = self.collection(name)
         complete, judge = model if model is not None else (None, None)
