@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmstack.models.hf import LLAMA_LAYER_NAMES, LLAMA_TOP_NAMES
-from lmstack.models.layers import Linear
+from lmstack.models.layers import Linear, output_unused
 from lmstack.nf4 import NF4Linear
 from lmstack.quant import Int8Linear, Q4Linear
 
@@ -156,18 +156,21 @@ class _LoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, a: Tensor, b: Tensor, layer: LoraLinear) -> Tensor:  # type: ignore[override]
         base, s = layer.base, layer.scaling
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        h = x2 @ a.T  # (M, r)
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.layer = layer
+        n = b.shape[0]
+        if output_unused(layer):  # a checkpointed block's recomputation reads only what is saved, not y
+            return x2.new_empty(*x.shape[:-1], n)
         w: Tensor
         bias: Tensor | None
         if isinstance(base, NF4Linear):
             w, bias = base.dequantize().to(x.dtype), base.bias_as(x.dtype)
         else:
             w, bias = cast(Tensor, base.weight), cast(Tensor | None, base.bias)
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        h = x2 @ a.T  # (M, r)
         y = F.linear(x2, w, bias).addmm_(h, b.T, alpha=s)  # x W^T + b + s h B^T: (M, N)
-        ctx.save_for_backward(x2, h, a, b)
-        ctx.layer = layer
-        return y.view(*x.shape[:-1], w.shape[0])
+        return y.view(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]

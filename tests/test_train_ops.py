@@ -210,3 +210,45 @@ def test_the_native_ops_are_what_training_runs(monkeypatch):
     with torch.no_grad():
         mlp(norm(x))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-coder-0.5b-instruct", "gemma-3-270m"])
+def test_checkpointing_skips_the_down_projection_matmul_and_keeps_every_gradient(monkeypatch, name):
+    """Recomputing a block, the down projection's output is not computed (it only feeds the block's output)
+    unless a post-norm reads it (Gemma); the gradients equal those of a step without checkpointing."""
+    import lmstack.lora as lora
+
+    config = tiny(name)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3 if p.dim() == 1 else 0.05)
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["wq", "wv", "w1", "w2", "w3"]))
+    for n_, p in model.named_parameters():
+        if "lora_B" in n_:
+            p.data.normal_(0, 0.05)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    skipped: list[bool] = []
+    real = lora.output_unused
+
+    def spy(module):
+        skipped.append(real(module))
+        return skipped[-1]
+
+    monkeypatch.setattr(lora, "output_unused", spy)
+
+    def step(checkpointing: bool):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        return loss.detach(), {n_: p.grad.clone() for n_, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = step(False)
+    assert not any(skipped)
+    ckpt_loss, ckpt = step(True)
+    assert sum(skipped) == (config.n_layers if not config.post_norms else 0)
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    for n_, g in plain.items():
+        torch.testing.assert_close(ckpt[n_], g, rtol=1e-5, atol=1e-7, msg=n_)

@@ -7,9 +7,11 @@ Glossary for shape comments (used across lmstack/models):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 import torch
@@ -39,6 +41,29 @@ def fused_ops(x: torch.Tensor, rows: int | None = None) -> ModuleType | None:
     ):
         return None
     return load_ops_kernels()
+
+
+# Gradient checkpointing recomputes a block in backward only to rebuild what its ops saved. The module whose
+# output feeds nothing but the block's output (the MLP's down projection, unless a post-norm follows) saves
+# its input, not its output, so its own matmul is wasted there: a third of the MLP. `Transformer` names that
+# module while recomputing, and LoRA's training path (lmstack.lora) skips the matmul for it.
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing(output_module: nn.Module | None) -> Iterator[None]:
+    """Mark a checkpointed block's recomputation: `output_module`'s output will not be read."""
+    previous = getattr(_recompute, "module", None)
+    _recompute.module = output_module
+    try:
+        yield
+    finally:
+        _recompute.module = previous
+
+
+def output_unused(module: nn.Module) -> bool:
+    """Whether `module` is the output module of the block being recomputed right now."""
+    return getattr(_recompute, "module", None) is module
 
 
 def train_ops(x: torch.Tensor) -> ModuleType | None:

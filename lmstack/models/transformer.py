@@ -6,7 +6,9 @@ glossary is in lmstack/models/layers.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from contextlib import AbstractContextManager
 from typing import cast
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from lmstack.config import ModelConfig
 from lmstack.models.attention import Attention, KVCache, attention_mask
-from lmstack.models.layers import MLP, Linear, make_norm, rope_cos_sin, sinusoidal_embedding
+from lmstack.models.layers import MLP, Linear, make_norm, recomputing, rope_cos_sin, sinusoidal_embedding
 
 
 class Block(nn.Module):
@@ -27,6 +29,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_attn_norm = make_norm(config) if config.post_norms else None
         self.post_mlp_norm = make_norm(config) if config.post_norms else None
+
+    def recompute_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """Gradient checkpointing's (forward, recompute) contexts: recomputing, the down projection's output
+        is not needed when it only feeds the residual sum (no post-norm saves it)."""
+        output = self.mlp.w2 if self.post_mlp_norm is None else None
+        return contextlib.nullcontext(), recomputing(output)
 
     def forward(self, x, rope, input_pos, mask_for, kv_len) -> torch.Tensor:  # (B, T, C)
         h = self.attn(self.attn_norm(x), rope, input_pos, mask_for, kv_len)
@@ -122,8 +130,9 @@ class Transformer(nn.Module):
             rope = ropes.get(self._rope_key(i))
             if checkpoint:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, rope, input_pos, mask_for, kv_len, use_reentrant=False
-                )
+                    layer, x, rope, input_pos, mask_for, kv_len, use_reentrant=False,
+                    context_fn=cast(Block, layer).recompute_contexts,
+                )  # fmt: skip
             else:
                 x = layer(x, rope, input_pos, mask_for, kv_len)
         return self.norm(x)  # (B, T, C)
