@@ -348,6 +348,12 @@ def cmd_collections(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpointing_for(method: str, flag: bool | None) -> bool:
+    """Gradient checkpointing: as asked, else on for QLoRA, whose point is memory (the QLoRA recipe and
+    PEFT's prepare_model_for_kbit_training turn it on), off for the rest."""
+    return flag if flag is not None else method == "qlora"
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a model on chat JSONL (full, LoRA, QLoRA), preference JSONL (DPO, reward model) or prompts
     (PPO); resumes from --out."""
@@ -362,7 +368,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = TrainConfig(
         max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every, save_every=args.save_every,
-        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed, gradient_checkpointing=checkpointing_for(args.method, args.gradient_checkpointing),
     )  # fmt: skip
     result = finetune(
         FinetuneArgs(
@@ -603,7 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minibatches", type=int, default=2, help="PPO: optimizer steps per pass")
     p.add_argument("--clip", type=float, default=0.2, help="PPO: clip range of the probability ratio")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+        help="recompute each block in backward instead of keeping its activations "
+        "(default: on for qlora, as PEFT's prepare_model_for_kbit_training; off otherwise)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--data-dir", type=Path, default=None, help="model cache (default $LMSTACK_HOME or ~/.lmstack)"

@@ -82,3 +82,20 @@ def test_bad_input_is_refused_before_training(tiny_checkpoint: Path, tmp_path: P
     with pytest.raises(ValueError, match="longer than max_len"):
         finetune(long)
     assert not (tmp_path / "lora").exists()  # nothing written by any refused run
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "lora"], False),
+        (["--method", "qlora"], True),
+        (["--method", "qlora", "--no-gradient-checkpointing"], False),
+        (["--method", "lora", "--gradient-checkpointing"], True),
+    ],
+)  # fmt: skip
+def test_qlora_checkpoints_by_default_on_the_command_line(argv: list[str], expected: bool) -> None:
+    """`lmstack finetune --method qlora` turns gradient checkpointing on unless told not to, as PEFT does."""
+    from lmstack.cli import build_parser, checkpointing_for
+
+    parsed = build_parser().parse_args(["finetune", "-m", "m", "--data", "d.jsonl", "--out", "o", *argv])
+    assert checkpointing_for(parsed.method, parsed.gradient_checkpointing) is expected
