@@ -34,6 +34,7 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 
 namespace {
 
@@ -84,12 +85,8 @@ inline __m256 sigmoid8(__m256 x) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
-inline float hsum(__m256 v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_movehdup_ps(h));
-  return _mm_cvtss_f32(h);
-}
+using lmstack::hmax;
+using lmstack::hsum;
 #endif
 
 inline float sigmoid1(float x) { return 1.f / (1.f + std::exp(-x)); }
@@ -369,9 +366,7 @@ at::Tensor softmax_xent_(at::Tensor& z, const at::Tensor& targets, double softca
       }
       vtop = _mm256_max_ps(vtop, v);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vtop);
-    for (float l : lanes) top = std::max(top, l);
+    top = hmax(vtop);
 #endif
     for (; i < V; ++i) {
       if (cap > 0) zi[i] = cap * std::tanh(zi[i] * inv_cap);

@@ -139,17 +139,15 @@ class Attention(nn.Module):
                     self.window or 0,
                 )
                 return self.wo(y)  # (B, T, C)
-        if self.use_rope and rope is not None and cache is None and train_ops(x) is not None:
-            # training: the transpose and the rotation in one native pass, (B, nh, T, hs) / (B, nkv, T, hs)
-            q, k = rope_heads(q, *rope, self.nh, self.hs), rope_heads(k, *rope, self.nkv, self.hs)
-            v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)
-            y = attend(q, k, v, mask_for(self.window), self.scale, self.softcap)  # (B, nh, T, hs)
-            return self.wo(y.transpose(1, 2).reshape(B, T, self.nh * self.hs))  # (B, T, C)
-        q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if self.use_rope and rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.use_rope and rope is not None and cache is None and train_ops(x) is not None:
+            # training: the head transpose and the rotation in one native pass each way
+            q, k = rope_heads(q, *rope, self.nh, self.hs), rope_heads(k, *rope, self.nkv, self.hs)
+        else:
+            q = q.view(B, T, self.nh, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, self.nkv, self.hs).transpose(1, 2)  # (B, nkv, T, hs)
+            if self.use_rope and rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(input_pos, k, v, kv_len)  # (B, nkv, S, hs)
         y = attend(q, k, v, mask_for(self.window), self.scale, self.softcap)  # (B, nh, T, hs)

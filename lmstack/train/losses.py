@@ -88,25 +88,22 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 capped = None
                 hc, tc = h[i : i + chunk], targets[i : i + chunk]  # (c, C), (c,)
                 z = (hc @ w.T).float()  # (c, V)
-                if ops is not None:  # z becomes d loss_i / d z in place
+                if ops is not None:  # native: z becomes d loss_i / d z in place, in one pass
                     total += ops.softmax_xent_(z, tc.contiguous(), softcap or 0.0).sum()
-                    grad_h[i : i + chunk] = (z.to(w.dtype) @ w).div_(n).to(h.dtype)
-                    if grad_w is not None:
-                        grad_w.addmm_(z.T, hc.float(), alpha=1.0 / n)
-                    del z
-                    continue
-                if softcap is not None:
-                    capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
-                    z = softcap * capped
-                picked = z.gather(1, tc[:, None]).squeeze(1)  # (c,)
-                top = z.amax(dim=1, keepdim=True)  # (c, 1)
-                e = z.sub_(top).exp_()  # in place from here on: one (c, V) block per chunk
-                denom = e.sum(dim=1, keepdim=True)
-                total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()  # logsumexp - z_target
-                g = e.div_(denom)  # softmax; d loss_i / d z = softmax - onehot
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                if capped is not None:
-                    g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
+                    g = e = z
+                else:
+                    if softcap is not None:
+                        capped = z.div_(softcap).tanh_()  # (c, V), kept for the gradient
+                        z = softcap * capped
+                    picked = z.gather(1, tc[:, None]).squeeze(1)  # (c,)
+                    top = z.amax(dim=1, keepdim=True)  # (c, 1)
+                    e = z.sub_(top).exp_()  # in place from here on: one (c, V) block per chunk
+                    denom = e.sum(dim=1, keepdim=True)
+                    total += (top.squeeze(1) + denom.squeeze(1).log() - picked).sum()  # logsumexp - z_target
+                    g = e.div_(denom)  # softmax; d loss_i / d z = softmax - onehot
+                    g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                    if capped is not None:
+                        g.mul_(capped.square_().neg_().add_(1.0))  # through cap * tanh(z / cap): 1 - tanh^2
                 grad_h[i : i + chunk] = (g.to(w.dtype) @ w).div_(n).to(h.dtype)  # / n: the mean
                 if grad_w is not None:
                     grad_w.addmm_(g.T, hc.float(), alpha=1.0 / n)
