@@ -13,11 +13,12 @@ it (rebuilding when a third of it is tombstones).
 
 Searches that a filter narrows to a few thousand rows, and small collections, are exact (one matrix-vector
 product over FAISS's own copy of the vectors); the rest walk the graph with a bitmap of live, matching rows.
-Lexical search is BM25 (bm25s: a sparse term x document matrix, Snowball-stemmed, English stopwords) over
-each record's heading and text. A query costs a few column sums whatever share of the collection its words
-match (SQLite FTS5 scored every match: 150 ms at 100k chunks). Like the graph it is derived: rebuilt from
-SQLite when its generation is behind (`flush`, at the end of every ingest, or the first search after one)
-and saved beside the database.
+Lexical search is BM25 (bm25s: a sparse term x document matrix) over each record's heading and text; its
+terms are the stemmed words and whole code terms (`-B`, `os.path.join`) of `lexical.lexical_terms`. A query
+costs a few column sums whatever share of the collection its words match (SQLite FTS5 scored every match:
+150 ms at 100k chunks). Like the graph it is derived: rebuilt from SQLite when its generation is behind or
+its terms changed (`flush`, at the end of every ingest, or the first search after one) and saved beside the
+database.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from lmstack.rag import lexical
+from lmstack.rag.lexical import lexical_terms
 from lmstack.rag.store import (
     CollectionNotFound,
     Parent,
@@ -51,12 +54,6 @@ HNSW_EF_CONSTRUCTION = 64
 EF_SEARCH = 160  # HNSW beam width floor: recall@10 0.92 at 64, 0.96 at 128, 0.97 at 200 (100k chunks)
 EXACT_BELOW = 4096  # rows: below this many candidates a brute-force product is both exact and faster
 
-STOPWORDS = frozenset(
-    """a about also an and any are as at be been being but by can could did do does doing done each for from
-    get gets had has have how i if in into is it its may me might must my no not of on one or our should so
-    some than that the their them then there these they this to use used uses using was we were what when
-    where which who why will with would you your""".split()
-)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -107,20 +104,6 @@ def _where_sql(where: Where | None) -> tuple[str, list[Any]]:
                 params += [path, _JSON_TYPE[type(v)], path, v]
         clauses.append("(" + " OR ".join(ors) + ")")
     return (" AND ".join(clauses) or "1"), params
-
-
-def lexical_tokens(texts: list[str]) -> list[list[str]]:
-    """Lowercased, stopword-free, Snowball-stemmed words: the same for documents and queries."""
-    import bm25s
-    import Stemmer
-
-    return bm25s.tokenize(
-        texts,
-        stopwords=sorted(STOPWORDS),
-        stemmer=Stemmer.Stemmer("english"),
-        return_ids=False,
-        show_progress=False,
-    )
 
 
 class EmbeddedStore(Store):
@@ -447,17 +430,18 @@ class EmbeddedStore(Store):
 
         folder, meta = self.folder / "bm25", self.folder / "bm25.json"
         try:
-            if json.loads(meta.read_text())["generation"] == gen:
+            saved = json.loads(meta.read_text())
+            if saved["generation"] == gen and saved.get("terms") == lexical.VERSION:
                 index = bm25s.BM25.load(str(folder))
                 self._bm25, self._bm25_gen = (index, np.load(folder / "positions.npy")), gen
                 return self._bm25
         except (OSError, ValueError, KeyError):
-            pass  # missing, torn or stale: rebuild
+            pass  # missing, torn, stale or made with other terms: rebuild
         rows = self._db.execute(f"SELECT pos, {_LEXICAL_TEXT} FROM records ORDER BY pos").fetchall()
         self._bm25 = None
         if rows:
             index = bm25s.BM25()
-            index.index(lexical_tokens([t for _, t in rows]), show_progress=False)
+            index.index(lexical_terms([t for _, t in rows]), show_progress=False)
             self._bm25 = (index, np.fromiter((p for p, _ in rows), np.int64, len(rows)))
         self._bm25_gen, self._bm25_dirty = gen, True
         return self._bm25
@@ -472,7 +456,7 @@ class EmbeddedStore(Store):
             index, positions = self._bm25
             index.save(str(folder))
             np.save(folder / "positions.npy", positions)
-            meta.write_text(json.dumps({"generation": self._bm25_gen}))
+            meta.write_text(json.dumps({"generation": self._bm25_gen, "terms": lexical.VERSION}))
         self._bm25_dirty = False
 
     def lexical_search(self, query: str, k: int, where: Where | None = None) -> list[tuple[str, float]]:
@@ -485,7 +469,7 @@ class EmbeddedStore(Store):
             if lexical is None:
                 return []
             index, positions = lexical
-            words = [w for w in lexical_tokens([query])[0] if w in index.vocab_dict]
+            words = [w for w in lexical_terms([query])[0] if w in index.vocab_dict]
             if not words:
                 return []
             mask = None
