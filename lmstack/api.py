@@ -133,6 +133,27 @@ class LLM:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         return self.model(idx)[0].float()
 
+    @torch.inference_mode()
+    def continuation_logprobs(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
+        """Float32 log-probabilities (N,) of the N continuation ids, each after the context and the ids before
+        it: what "how likely is this text after that prompt" scores read (lm-eval's loglikelihood). One
+        forward; the vocabulary head runs only on the N rows that predict the continuation."""
+        if not context or not continuation:
+            raise ValueError("continuation_logprobs() needs at least one context id and one continuation id")
+        ids = [*context, *continuation]
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"context + continuation are {idx.shape[1]} ids, over the context window of "
+                f"{self.config.max_seq_len}: shorten the context"
+            )
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        n = len(continuation)
+        hidden = self.model.forward_hidden(idx)[:, -n - 1 : -1]  # (1, N, C): the rows before each id
+        logprobs = torch.log_softmax(self.model.head(hidden)[0].float(), dim=-1)  # (N, V)
+        return logprobs.gather(1, idx[0, -n:, None]).squeeze(1)
+
     # --- text ----------------------------------------------------------------------------------
     @property
     def is_chat_model(self) -> bool:

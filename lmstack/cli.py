@@ -287,7 +287,8 @@ def _retrieval_config(args: argparse.Namespace) -> Any:
 
     return RetrievalConfig(
         k=args.k, mode=args.mode, min_score=args.min_score, where=_pairs(args.where, "--where") or None,
-        mmr=args.mmr, rerank=args.rerank, rewrite=args.rewrite, small_to_big=args.small_to_big,
+        mmr=args.mmr, rerank=args.rerank, rerank_method=args.rerank_method,
+        rerank_candidates=args.rerank_candidates, rewrite=args.rewrite, small_to_big=args.small_to_big,
         sentences=args.sentences,
     ).check()  # fmt: skip
 
@@ -301,11 +302,19 @@ def cmd_ask(args: argparse.Namespace) -> int:
     config = _retrieval_config(args)
     if not args.question.strip():
         raise ValueError("the question is empty; ask something")
+    if args.rerank_model and not args.rerank:
+        raise ValueError("--rerank-model names the model that reranks: add --rerank")
     with _collection(args) as coll:
         llm = _load(args.model, args.device, args.dtype, args.threads, args.data_dir)
+        judge = None
+        if args.rerank_model:
+            from lmstack.rag.collection import llm_reranker
+
+            reranker = _load(args.rerank_model, args.device, args.dtype, args.threads, args.data_dir)
+            judge = llm_reranker(reranker, args.rerank_method)
         result: Answer | None = None
         stream_out = not args.json
-        for item in coll.ask_stream(args.question, llm, config, max_tokens=args.max_new_tokens):
+        for item in coll.ask_stream(args.question, llm, config, max_tokens=args.max_new_tokens, judge=judge):
             if isinstance(item, Answer):
                 result = item
             elif stream_out:
@@ -552,7 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--where", action="append", default=[], help="KEY=VALUE metadata filter (repeatable)")
     p.add_argument("--mmr", type=float, default=None, help="MMR lambda in [0, 1] for diverse sources")
-    p.add_argument("--rerank", action="store_true", help="let the model judge each source's relevance")
+    p.add_argument("--rerank", action="store_true", help="rerank the first candidates with a model")
+    p.add_argument(
+        "--rerank-method", default="likelihood", choices=["likelihood", "judge"],
+        help="likelihood: how likely the model finds the question given each passage; judge: it says yes/no",
+    )  # fmt: skip
+    p.add_argument("--rerank-candidates", type=int, default=10, metavar="N", help="candidates to rerank")
+    p.add_argument(
+        "--rerank-model",
+        default=None,
+        help="the reranking model (default: the answer model), e.g. smollm2-135m-instruct",
+    )
     p.add_argument("--rewrite", action="store_true", help="also search with a model-written query")
     p.add_argument("--small-to-big", action="store_true", help="answer from the passages around the hits")
     p.add_argument(

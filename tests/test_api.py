@@ -22,6 +22,27 @@ def test_logits_are_float32_full_forward(llm):
     torch.testing.assert_close(llm.logits(ids[:3]), logits[:3], rtol=1e-5, atol=1e-5)
 
 
+def test_continuation_logprobs_read_the_full_forward(llm):
+    context, continuation = llm.tokenizer.encode("The capital of"), llm.tokenizer.encode(" France is Paris")
+    ids = context + continuation
+    reference = torch.log_softmax(llm.logits(ids), dim=-1)[len(context) - 1 : -1]  # rows predicting each id
+    expected = reference.gather(1, torch.tensor(continuation)[:, None]).squeeze(1)
+    got = llm.continuation_logprobs(context, continuation)
+    assert got.dtype == torch.float32 and got.shape == (len(continuation),)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("context", "continuation", "message"),
+    [([], [1], "at least one context id"), ([1], [], "at least one context id"), ([1], [-1], "must lie in")],
+)
+def test_continuation_logprobs_refuse_bad_ids(llm, context, continuation, message):
+    with pytest.raises(ValueError, match=message):
+        llm.continuation_logprobs(context, continuation)
+    with pytest.raises(ValueError, match="over the context window"):
+        llm.continuation_logprobs([1] * llm.config.max_seq_len, [1])
+
+
 def test_stream_concatenates_to_generate(llm):
     kw = dict(max_new_tokens=12, temperature=0.0)
     text = llm.generate("hello", **kw)

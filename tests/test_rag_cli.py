@@ -55,6 +55,8 @@ def test_ingest_and_collections_and_bad_input(tmp_path: Path, capsys: pytest.Cap
     refused("no collection 'missing'", "ask", "tea?", "-c", "missing")
     refused("k must be in", "ask", "tea?", "-c", "notes", "--mode", "dense", "-k", "0")
     refused("sentences rescores the first N", "ask", "tea?", "-c", "notes", "-k", "5", "--sentences", "3")
+    refused("add --rerank", "ask", "tea?", "-c", "notes", "--rerank-model", "smollm2-135m-instruct")
+    refused("rerank_candidates must be in", "ask", "tea?", "-c", "notes", "--rerank", "--rerank-candidates=0")
     refused("chunk_tokens must be", "ingest", str(docs), "-c", "x", "--chunk-tokens", "400")
     refused("is not KEY=VALUE", "ingest", str(docs), "-c", "notes", "--meta", "novalue")
     assert lmstack("collections", home=home).stdout.split() == ["notes"]  # nothing half-made

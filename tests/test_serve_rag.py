@@ -143,9 +143,9 @@ def test_chat_completions_with_a_collection_through_the_openai_client(served, ht
 
 
 def test_rerank_and_rewrite_run_on_the_served_model(http: httpx.Client, served, monkeypatch) -> None:
-    """`rerank` and `rewrite` over HTTP rank the sources as the Python API does with the same model: the
-    served judge (here reading the whole vocabulary, not its top 20) and the greedy query both run as
-    engine requests; the scores are the judge's relevance."""
+    """`rerank` and `rewrite` over HTTP rank the sources as the Python API does with the same model and
+    the yes/no judge: the served judge (here reading the whole vocabulary, not its top 20) and the greedy
+    query both run as engine requests."""
     from lmstack.rag.collection import Collection
     from lmstack.rag.retrieval import RetrievalConfig
     from lmstack.serve import rag as serve_rag
@@ -160,12 +160,12 @@ def test_rerank_and_rewrite_run_on_the_served_model(http: httpx.Client, served, 
     assert r.status_code == 200, r.text
     served_sources = r.json()["sources"]
     coll = Collection.open("home", data_dir=root / "data")
-    config = RetrievalConfig(k=3, min_score=-1.0, rerank=True, rewrite=True)
+    config = RetrievalConfig(k=3, min_score=-1.0, rerank=True, rerank_method="judge", rewrite=True)
     local = coll.retrieve(question, config, llm=llm)
     coll.close()
     assert [s["id"] for s in served_sources] == [h.record.id for h in local]
     assert [s["score"] for s in served_sources] == pytest.approx([h.score for h in local], abs=1e-4)
-    assert all(0.0 <= s["score"] <= 1.0 for s in served_sources)  # relevance, not a fused rank score
+    assert all(h.relevance is not None and 0.0 <= h.relevance <= 1.0 for h in local)  # the judge's P(yes)
     # the chat route takes the same options
     chat = {"model": "tiny", "messages": [{"role": "user", "content": question}], "collection": "home",
             "rag": options, "max_tokens": 4}  # fmt: skip

@@ -33,7 +33,7 @@ from lmstack.rag.collection import (
 from lmstack.rag.documents import DocumentError
 from lmstack.rag.embedder import Embedder
 from lmstack.rag.retrieval import Complete, Judge, RetrievalConfig
-from lmstack.rag.store import CollectionNotFound, StoreError
+from lmstack.rag.store import CollectionNotFound, Record, StoreError
 from lmstack.serve.protocol import APIError, RagOptions
 from lmstack.serve.streaming import ChatFormat, ChoiceState
 
@@ -67,8 +67,10 @@ def engine_model(
         outputs = run(messages, SamplingParams(max_new_tokens=48, temperature=0))
         return "".join(out.text_delta for out in outputs)
 
-    def judge(question: str, passage: str) -> float:
-        outputs = run(judge_messages(question, passage), SamplingParams(1, temperature=0, logprobs=JUDGE_TOP))
+    def judge(question: str, record: Record) -> float:
+        outputs = run(
+            judge_messages(question, record.text), SamplingParams(1, temperature=0, logprobs=JUDGE_TOP)
+        )
         first = next(lp for out in outputs for lp in out.logprobs or [])
         return relevance({token: math.exp(lp) for token, lp in first.top}, yes, no)
 
@@ -136,7 +138,8 @@ class RagService:
         o = options or RagOptions.model_validate({})
         config = RetrievalConfig(
             k=o.k, mode=o.mode, min_score=o.min_score, where=o.where, mmr=o.mmr, small_to_big=o.small_to_big,
-            candidates=max(40, o.k), rerank=o.rerank, rewrite=o.rewrite, sentences=o.sentences,
+            candidates=max(40, o.k), rerank=o.rerank, rerank_method="judge", rewrite=o.rewrite,
+            sentences=o.sentences,
         )  # fmt: skip
         coll = self.collection(name)
         complete, judge = model if model is not None else (None, None)
