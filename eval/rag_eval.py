@@ -353,21 +353,19 @@ def run_retrieval(args: argparse.Namespace, items: list[GoldItem], embedder: Emb
     summaries: dict[str, Any] = {}
     per_question: dict[str, Any] = {}
     for label, name, mode in systems:
+        reranked = label.endswith("+ rerank")
+        if reranked and judge is None:
+            print(f"{label}: skipped (no --rerank-model)", file=sys.stderr)
+            continue
         try:
             collection = Collection.open(name, data_dir=args.data_dir, embedder=embedder)
         except ValueError as e:  # CollectionNotFound, or another embedding model
             print(f"{label}: skipped ({e})", file=sys.stderr)
             continue
         sentences = SENTENCES if "+ sentences" in label else 0
-        if label.endswith("+ rerank"):
-            if judge is None:
-                print(f"{label}: skipped (no --rerank-model)", file=sys.stderr)
-                continue
-            summaries[label], per_question[label] = evaluate_system(
-                collection, mode, items, label, sentences, judge
-            )
-        else:
-            summaries[label], per_question[label] = evaluate_system(collection, mode, items, label, sentences)
+        summaries[label], per_question[label] = evaluate_system(
+            collection, mode, items, label, sentences, judge if reranked else None
+        )
         collection.close()
     checks = targets(summaries)
     print_retrieval(summaries, checks, len(items))

@@ -36,7 +36,6 @@ import faiss
 import numpy as np
 
 from lmstack.rag import lexical
-from lmstack.rag.lexical import lexical_terms
 from lmstack.rag.store import (
     CollectionNotFound,
     Parent,
@@ -53,7 +52,6 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 EF_SEARCH = 160  # HNSW beam width floor: recall@10 0.92 at 64, 0.96 at 128, 0.97 at 200 (100k chunks)
 EXACT_BELOW = 4096  # rows: below this many candidates a brute-force product is both exact and faster
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -441,7 +439,7 @@ class EmbeddedStore(Store):
         self._bm25 = None
         if rows:
             index = bm25s.BM25()
-            index.index(lexical_terms([t for _, t in rows]), show_progress=False)
+            index.index(lexical.lexical_terms([t for _, t in rows]), show_progress=False)
             self._bm25 = (index, np.fromiter((p for p, _ in rows), np.int64, len(rows)))
         self._bm25_gen, self._bm25_dirty = gen, True
         return self._bm25
@@ -465,11 +463,11 @@ class EmbeddedStore(Store):
         if k == 0:
             return []
         with self._lock:
-            lexical = self._lexical_index()
-            if lexical is None:
+            built = self._lexical_index()
+            if built is None:
                 return []
-            index, positions = lexical
-            words = [w for w in lexical_terms([query])[0] if w in index.vocab_dict]
+            index, positions = built
+            words = [w for w in lexical.lexical_terms([query])[0] if w in index.vocab_dict]
             if not words:
                 return []
             mask = None
