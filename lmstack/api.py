@@ -121,17 +121,25 @@ class LLM:
         return cls(model, tok, loaded.config, name_or_path, dtype, dev, time.perf_counter() - t0)
 
     # --- numbers -------------------------------------------------------------------------------
+    def _batch(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """ids as a (1, T) batch on the model's device, refused when they overflow the context window or the
+        vocabulary."""
+        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        if idx.shape[1] == 0:
+            raise ValueError("the model needs at least one token id")
+        if idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{idx.shape[1]} token ids are over the context window of {self.config.max_seq_len}: "
+                "shorten the input"
+            )
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return idx
+
     @torch.inference_mode()
     def logits(self, ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Float32 logits (T, V) of a full forward over ids, no KV cache: the reference for every test."""
-        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        if idx.shape[1] == 0:
-            raise ValueError("logits() needs at least one token id")
-        if idx.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"{idx.shape[1]} ids exceed the context window of {self.config.max_seq_len}")
-        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        return self.model(idx)[0].float()
+        return self.model(self._batch(ids))[0].float()
 
     @torch.inference_mode()
     def continuation_logprobs(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
@@ -140,15 +148,7 @@ class LLM:
         forward; the vocabulary head runs only on the N rows that predict the continuation."""
         if not context or not continuation:
             raise ValueError("continuation_logprobs() needs at least one context id and one continuation id")
-        ids = [*context, *continuation]
-        idx = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
-        if idx.shape[1] > self.config.max_seq_len:
-            raise ValueError(
-                f"context + continuation are {idx.shape[1]} ids, over the context window of "
-                f"{self.config.max_seq_len}: shorten the context"
-            )
-        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        idx = self._batch([*context, *continuation])
         n = len(continuation)
         hidden = self.model.forward_hidden(idx)[:, -n - 1 : -1]  # (1, N, C): the rows before each id
         logprobs = torch.log_softmax(self.model.head(hidden)[0].float(), dim=-1)  # (N, V)

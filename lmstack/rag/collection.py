@@ -194,9 +194,11 @@ class Collection:
         lmstack.api.LLM, run here; it reranks by `config.rerank_method`), or `judge` and `complete`
         functions (the server's run through its engine)."""
         config = config or RetrievalConfig()
-        if llm is not None:
-            complete = complete or llm_complete(llm, 48)
-            judge = judge or llm_reranker(llm, config.rerank_method)
+        if llm is not None:  # build only what the config uses
+            if config.rewrite:
+                complete = complete or llm_complete(llm, 48)
+            if config.rerank:
+                judge = judge or llm_reranker(llm, config.rerank_method)
         if (config.rerank and judge is None) or (config.rewrite and complete is None):
             raise ValueError("rerank and rewrite use the answer model: pass llm=")
         return retrieve(
